@@ -1,0 +1,602 @@
+//! The configuration: one serde tree, defaults in one place.
+//!
+//! Parsing is strict (`deny_unknown_fields`) and every error names the file
+//! and the key, so a typo never silently runs on a default. A reload parses
+//! and validates the whole file before anything is swapped (Stalwart's
+//! habit): a bad file leaves the running configuration in place.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mxguard_policy::PregreetAction;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A duration written like `6s`, `500ms`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Self {
+        Self(Duration::from_secs(s))
+    }
+}
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("bad duration `{s}` ({e}); write it like 6s, 500ms, 1h"))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_zero() {
+            return f.write_str("0s");
+        }
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How the guard learns where a connection was going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Listen and forward to one configured upstream.
+    Fixed,
+    /// Behind iptables REDIRECT: SO_ORIGINAL_DST.
+    Redirect,
+    /// Behind iptables TPROXY: the accepted socket's local address.
+    Tproxy,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fixed => "fixed",
+            Self::Redirect => "redirect",
+            Self::Tproxy => "tproxy",
+        }
+    }
+}
+
+/// When to open the upstream connection during the greet delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamConnect {
+    /// `connect_lead` before the delay ends: an early talker never touches
+    /// the MTA, and a held session costs one descriptor.
+    Lazy,
+    /// At accept.
+    Eager,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    Splice,
+    Copy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our name in the replies we write ourselves (challenge, 421, 554).
+    pub hostname: String,
+    pub intercept: Intercept,
+    pub greet: Greet,
+    pub pregreet: Pregreet,
+    pub relay: Relay,
+    pub limits: Limits,
+    pub admin: Admin,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Intercept {
+    pub mode: Mode,
+    pub listen: Vec<SocketAddr>,
+    /// The MTA in `fixed` mode.
+    pub upstream: SocketAddr,
+    /// `tproxy` only: connect to the MTA from the client's own address.
+    pub transparent_upstream: bool,
+    pub upstream_connect_timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Greet {
+    pub delay: Dur,
+    pub challenge: bool,
+    pub upstream_connect: UpstreamConnect,
+    pub connect_lead: Dur,
+    pub banner_timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pregreet {
+    pub action: PregreetAction,
+    pub block_ttl: Dur,
+    pub capture: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    pub mode: RelayMode,
+    pub idle_timeout: Dur,
+    pub command_timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub drain_timeout: Dur,
+    pub blocklist_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// `""` disables the admin listener.
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `mxguard=debug,warn`.
+    pub level: String,
+}
+
+// The defaults, all in one place.
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            hostname: system_hostname(),
+            intercept: Intercept::default(),
+            greet: Greet::default(),
+            pregreet: Pregreet::default(),
+            relay: Relay::default(),
+            limits: Limits::default(),
+            admin: Admin::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Intercept {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Fixed,
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 25))],
+            upstream: SocketAddr::from(([127, 0, 0, 1], 10025)),
+            transparent_upstream: false,
+            upstream_connect_timeout: Dur::secs(10),
+        }
+    }
+}
+
+impl Default for Greet {
+    fn default() -> Self {
+        Self {
+            delay: Dur::secs(6),
+            challenge: true,
+            upstream_connect: UpstreamConnect::Lazy,
+            connect_lead: Dur::secs(1),
+            banner_timeout: Dur::secs(30),
+        }
+    }
+}
+
+impl Default for Pregreet {
+    fn default() -> Self {
+        Self {
+            action: PregreetAction::Reject,
+            block_ttl: Dur::secs(3600),
+            capture: 100,
+        }
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self {
+            mode: RelayMode::Splice,
+            idle_timeout: Dur::secs(300),
+            command_timeout: Dur::secs(300),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Dur::secs(30),
+            blocklist_max: 1_000_000,
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9425))),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| valid_hostname(h))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Our hostname goes into SMTP reply lines: no spaces, no line breaks.
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
+}
+
+mod optional_addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Ok(None);
+        }
+        s.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("bad socket address `{s}` ({e})")))
+    }
+}
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}: ", file.display())?,
+            None => f.write_str("command line: ")?,
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "key `{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Settings given on the command line; they win over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Address to listen on (repeatable); replaces `intercept.listen`.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// fixed | redirect | tproxy
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// The MTA in fixed mode.
+    #[arg(long, value_name = "ADDR")]
+    pub upstream: Option<SocketAddr>,
+    /// How long to hold the greeting, e.g. 6s, 500ms, 0s.
+    #[arg(long, value_name = "DURATION")]
+    pub greet_delay: Option<Dur>,
+    /// reject | drop | observe
+    #[arg(long, value_name = "ACTION")]
+    pub pregreet_action: Option<PregreetAction>,
+    /// Admin listener address ("" disables).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// text | json
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Reads `file` (or the defaults when `None`), applies the overrides and
+    /// validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    file: Some(path.to_owned()),
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                Self::parse(&text).map_err(|mut e| {
+                    e.file = Some(path.to_owned());
+                    e
+                })?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides).map_err(|mut e| {
+            e.file = None;
+            e
+        })?;
+        config.validate().map_err(|mut e| {
+            e.file = file.map(Path::to_owned);
+            e
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names the key.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            file: None,
+            key: String::new(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError {
+                file: None,
+                key: if key == "." { String::new() } else { key },
+                message: inner.message().trim().to_string(),
+            }
+        })
+    }
+
+    fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        if !o.listen.is_empty() {
+            self.intercept.listen = o.listen.clone();
+        }
+        if let Some(mode) = o.mode {
+            self.intercept.mode = mode;
+        }
+        if let Some(upstream) = o.upstream {
+            self.intercept.upstream = upstream;
+        }
+        if let Some(delay) = o.greet_delay {
+            self.greet.delay = delay;
+        }
+        if let Some(action) = o.pregreet_action {
+            self.pregreet.action = action;
+        }
+        if let Some(admin) = &o.admin_listen {
+            self.admin.listen = if admin.trim().is_empty() {
+                None
+            } else {
+                Some(admin.trim().parse().map_err(|e| ConfigError {
+                    file: None,
+                    key: "admin.listen".into(),
+                    message: format!("bad socket address `{admin}` ({e})"),
+                })?)
+            };
+        }
+        if let Some(format) = o.log_format {
+            self.log.format = format;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| {
+            Err(ConfigError {
+                file: None,
+                key: key.into(),
+                message,
+            })
+        };
+        if !valid_hostname(&self.hostname) {
+            return bad(
+                "hostname",
+                format!(
+                    "`{}` is not a host name usable in SMTP replies",
+                    self.hostname
+                ),
+            );
+        }
+        if self.intercept.listen.is_empty() {
+            return bad("intercept.listen", "at least one address is needed".into());
+        }
+        if self.intercept.mode == Mode::Fixed
+            && self.intercept.listen.contains(&self.intercept.upstream)
+        {
+            return bad(
+                "intercept.upstream",
+                format!(
+                    "{} is one of our own listen addresses: the guard would proxy to itself",
+                    self.intercept.upstream
+                ),
+            );
+        }
+        if self.intercept.transparent_upstream && self.intercept.mode != Mode::Tproxy {
+            return bad(
+                "intercept.transparent_upstream",
+                "only possible with mode = \"tproxy\"".into(),
+            );
+        }
+        if self.intercept.upstream_connect_timeout.0.is_zero() {
+            return bad(
+                "intercept.upstream_connect_timeout",
+                "must be more than 0s".into(),
+            );
+        }
+        if self.greet.banner_timeout.0.is_zero() {
+            return bad("greet.banner_timeout", "must be more than 0s".into());
+        }
+        if self.greet.delay.0 > Duration::from_secs(300) {
+            return bad(
+                "greet.delay",
+                "more than 5m: real senders give up before that".into(),
+            );
+        }
+        if self.pregreet.capture > 4096 {
+            return bad("pregreet.capture", "at most 4096 bytes".into());
+        }
+        if self.relay.idle_timeout.0.is_zero() {
+            return bad("relay.idle_timeout", "must be more than 0s".into());
+        }
+        if self.relay.command_timeout.0.is_zero() {
+            return bad("relay.command_timeout", "must be more than 0s".into());
+        }
+        if self.limits.blocklist_max == 0 {
+            return bad("limits.blocklist_max", "must be at least 1".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad(
+                "log.level",
+                format!("bad filter `{}` ({e})", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.greet.delay, Dur::secs(6));
+        assert!(c.greet.challenge);
+        assert_eq!(c.pregreet.action, PregreetAction::Reject);
+        assert_eq!(c.pregreet.block_ttl, Dur::secs(3600));
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        let c = Config::parse("[greet]\ndelay = \"500ms\"\nconnect_lead = \"0s\"\n").unwrap();
+        assert_eq!(c.greet.delay.0, Duration::from_millis(500));
+        assert_eq!(c.greet.connect_lead.0, Duration::ZERO);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let e = Config::parse("[greet]\ndelya = \"6s\"\n").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("delya"), "{text}");
+        assert!(text.contains("greet"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key() {
+        let e = Config::parse("[greet]\ndelay = \"six\"\n").unwrap_err();
+        assert_eq!(e.key, "greet.delay");
+        assert!(e.message.contains("six"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_bad_action_names_its_key() {
+        let e = Config::parse("[pregreet]\naction = \"nuke\"\n").unwrap_err();
+        assert_eq!(e.key, "pregreet.action");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("mxguard-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[relay]\nmode = \"teleport\"\n").unwrap();
+        let e = Config::load(Some(&path), &Overrides::default()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with(&path.display().to_string()), "{text}");
+        assert!(text.contains("relay.mode"), "{text}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let o = Overrides {
+            greet_delay: Some(Dur::secs(1)),
+            pregreet_action: Some(PregreetAction::Observe),
+            listen: vec!["127.0.0.1:2525".parse().unwrap()],
+            admin_listen: Some(String::new()),
+            ..Overrides::default()
+        };
+        let mut c = Config::parse("[greet]\ndelay = \"9s\"\n").unwrap();
+        c.apply(&o).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.greet.delay, Dur::secs(1));
+        assert_eq!(c.pregreet.action, PregreetAction::Observe);
+        assert_eq!(c.admin.listen, None);
+    }
+
+    #[test]
+    fn proxying_to_ourselves_is_refused() {
+        let c = Config::parse(
+            "[intercept]\nlisten = [\"127.0.0.1:2525\"]\nupstream = \"127.0.0.1:2525\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "intercept.upstream");
+    }
+
+    #[test]
+    fn hostname_cannot_break_a_reply_line() {
+        let c = Config::parse("hostname = \"a b\\r\\n250 ok\"\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "hostname");
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_the_same() {
+        let c = Config::parse("[greet]\ndelay = \"1500ms\"\n[admin]\nlisten = \"\"\n").unwrap();
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(c, again);
+    }
+}

@@ -1,0 +1,187 @@
+//! Where was this connection going? One small interface, three answers.
+//!
+//! `fixed` forwards to the configured MTA; `redirect` asks the kernel for
+//! the destination iptables REDIRECT rewrote (`SO_ORIGINAL_DST`); `tproxy`
+//! reads it off the accepted socket, whose local address *is* the original
+//! destination. Tests on loopback use `fixed` and need no root; the real
+//! modes are tested in network namespaces.
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
+
+use crate::config::{Config, Mode};
+
+/// Why a connection has nowhere to go.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    /// The destination is the guard itself: proxying would loop.
+    #[error("original destination {0} is the guard itself")]
+    Loop(SocketAddr),
+    /// The kernel has no original destination (not redirected, or NAT state
+    /// gone).
+    #[error("no original destination: {0}")]
+    Unknown(io::Error),
+}
+
+pub trait OriginalDestination: Send + Sync {
+    /// Where `accepted` was going. `local` is its local address.
+    fn original_dst(&self, accepted: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr>;
+
+    /// The source address for the upstream connection, when the MTA should
+    /// see the client's own address.
+    fn upstream_source(&self, _client: SocketAddr) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// One configured MTA.
+pub struct Fixed(pub SocketAddr);
+
+impl OriginalDestination for Fixed {
+    fn original_dst(&self, _: &TcpStream, _: SocketAddr) -> io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
+
+/// Behind iptables/ip6tables `-j REDIRECT`.
+pub struct Redirect;
+
+impl OriginalDestination for Redirect {
+    fn original_dst(&self, accepted: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
+        mxguard_net::original_dst(accepted, local)
+    }
+}
+
+/// Behind `-j TPROXY` on an `IP_TRANSPARENT` listener.
+pub struct Tproxy {
+    pub transparent_upstream: bool,
+}
+
+impl OriginalDestination for Tproxy {
+    fn original_dst(&self, _: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
+        Ok(local)
+    }
+
+    fn upstream_source(&self, client: SocketAddr) -> Option<SocketAddr> {
+        // Port 0: the kernel picks a free port on the client's address.
+        self.transparent_upstream
+            .then(|| SocketAddr::new(client.ip(), 0))
+    }
+}
+
+pub fn from_config(config: &Config) -> Box<dyn OriginalDestination> {
+    match config.intercept.mode {
+        Mode::Fixed => Box::new(Fixed(config.intercept.upstream)),
+        Mode::Redirect => Box::new(Redirect),
+        Mode::Tproxy => Box::new(Tproxy {
+            transparent_upstream: config.intercept.transparent_upstream,
+        }),
+    }
+}
+
+/// Resolves the destination and refuses loops: a connection made straight
+/// to one of our listeners (not diverted to it) would be proxied to itself.
+pub fn resolve(
+    intercept: &dyn OriginalDestination,
+    accepted: &TcpStream,
+    local: SocketAddr,
+    listeners: &[SocketAddr],
+) -> Result<SocketAddr, InterceptError> {
+    let dst = intercept
+        .original_dst(accepted, local)
+        .map_err(InterceptError::Unknown)?;
+    if is_loop(dst, local, listeners) {
+        return Err(InterceptError::Loop(dst));
+    }
+    Ok(dst)
+}
+
+fn is_loop(dst: SocketAddr, local: SocketAddr, listeners: &[SocketAddr]) -> bool {
+    let dst = canonical(dst);
+    if dst == canonical(local) && listeners.iter().any(|l| l.port() == local.port()) {
+        return true;
+    }
+    listeners.iter().any(|l| {
+        let l = canonical(*l);
+        l.port() == dst.port() && (l.ip().is_unspecified() || l.ip() == dst.ip())
+    })
+}
+
+/// IPv4-mapped IPv6 addresses compare as the IPv4 they are.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_connection_to_our_own_listener_is_a_loop() {
+        let listeners = [a("0.0.0.0:10025")];
+        assert!(is_loop(
+            a("192.0.2.1:10025"),
+            a("192.0.2.1:10025"),
+            &listeners
+        ));
+        assert!(is_loop(
+            a("10.1.1.1:10025"),
+            a("192.0.2.1:10025"),
+            &listeners
+        ));
+    }
+
+    #[test]
+    fn a_diverted_connection_to_the_mta_is_not_a_loop() {
+        let listeners = [a("0.0.0.0:10025")];
+        assert!(!is_loop(
+            a("192.0.2.25:25"),
+            a("192.0.2.1:10025"),
+            &listeners
+        ));
+        let listeners = [a("127.0.0.1:2525")];
+        assert!(!is_loop(
+            a("127.0.0.2:2525"),
+            a("127.0.0.1:2525"),
+            &listeners
+        ));
+    }
+
+    #[test]
+    fn mapped_addresses_are_compared_as_ipv4() {
+        let listeners = [a("127.0.0.1:2525")];
+        assert!(is_loop(
+            a("[::ffff:127.0.0.1]:2525"),
+            a("127.0.0.1:2525"),
+            &listeners
+        ));
+    }
+
+    #[test]
+    fn tproxy_binds_upstream_to_the_client_only_when_asked() {
+        let client = a("198.51.100.7:40000");
+        let plain = Tproxy {
+            transparent_upstream: false,
+        };
+        assert_eq!(plain.upstream_source(client), None);
+        let transparent = Tproxy {
+            transparent_upstream: true,
+        };
+        assert_eq!(
+            transparent.upstream_source(client),
+            Some(a("198.51.100.7:0"))
+        );
+    }
+}

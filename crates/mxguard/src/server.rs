@@ -1,0 +1,352 @@
+//! The daemon: listeners, the accept loop, signals, reload and drain.
+//!
+//! State shared by all sessions lives in [`Shared`]; the per-session
+//! settings are a [`Runtime`] snapshot in an `ArcSwap`, so a SIGHUP reload
+//! swaps it without a lock and live sessions keep the snapshot they started
+//! with.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use mxguard_policy::Blocklist;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::{Config, Mode, Overrides};
+use crate::intercept::{self, OriginalDestination};
+use crate::metrics::Metrics;
+
+/// Per-session settings, swapped whole on reload.
+pub struct Runtime {
+    pub config: Config,
+    pub intercept: Box<dyn OriginalDestination>,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Self {
+        let intercept = intercept::from_config(&config);
+        Self { config, intercept }
+    }
+}
+
+/// What every session shares.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub metrics: Metrics,
+    pub relay_counters: RelayCounters,
+    pub listen_addrs: Vec<SocketAddr>,
+    blocklist: Mutex<Blocklist>,
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+impl Shared {
+    pub fn new(config: Config, metrics: Metrics, listen_addrs: Vec<SocketAddr>) -> Self {
+        let blocklist = Blocklist::new(config.limits.blocklist_max);
+        let relay_counters = RelayCounters::new(&metrics);
+        Self {
+            runtime: ArcSwap::from_pointee(Runtime::new(config)),
+            metrics,
+            relay_counters,
+            listen_addrs,
+            blocklist: Mutex::new(blocklist),
+            live: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
+    }
+
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        let now = Instant::now().into_std();
+        self.blocklist.lock().lookup(ip, now).is_some()
+    }
+
+    pub fn block(&self, ip: IpAddr, ttl: Duration, reason: &'static str) {
+        let now = Instant::now().into_std();
+        let mut list = self.blocklist.lock();
+        list.insert(ip, now, ttl, reason);
+        self.metrics.blocklist_entries.set(list.len() as i64);
+    }
+
+    fn purge_blocklist(&self) {
+        let now = Instant::now().into_std();
+        let mut list = self.blocklist.lock();
+        list.purge(now);
+        self.metrics.blocklist_entries.set(list.len() as i64);
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    fn session_started(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn session_ended(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until no session is live, or `limit` passes.
+    async fn drained(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.idle.notified();
+            if self.live_sessions() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.live_sessions() == 0;
+            }
+        }
+    }
+}
+
+/// Feeds relayed byte counts to the metrics without a label lookup per call.
+pub struct RelayCounters {
+    splice_up: prometheus::IntCounter,
+    splice_down: prometheus::IntCounter,
+    copy_up: prometheus::IntCounter,
+    copy_down: prometheus::IntCounter,
+}
+
+impl RelayCounters {
+    fn new(metrics: &Metrics) -> Self {
+        let c = |mode, dir| metrics.relayed_bytes.with_label_values(&[mode, dir]);
+        Self {
+            splice_up: c("splice", "upstream"),
+            splice_down: c("splice", "downstream"),
+            copy_up: c("copy", "upstream"),
+            copy_down: c("copy", "downstream"),
+        }
+    }
+}
+
+impl mxguard_net::RelayObserver for RelayCounters {
+    fn relayed(&self, mode: mxguard_net::RelayMode, dir: mxguard_net::Direction, n: u64) {
+        use mxguard_net::{Direction, RelayMode};
+        let counter = match (mode, dir) {
+            (RelayMode::Splice, Direction::Upstream) => &self.splice_up,
+            (RelayMode::Splice, Direction::Downstream) => &self.splice_down,
+            (RelayMode::Copy, Direction::Upstream) => &self.copy_up,
+            (RelayMode::Copy, Direction::Downstream) => &self.copy_down,
+        };
+        counter.inc_by(n);
+    }
+}
+
+/// Runs the guard until SIGTERM/SIGINT, then drains.
+pub async fn run(
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    config: Config,
+) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let metrics = Metrics::new().context("cannot set up metrics")?;
+
+    let transparent = config.intercept.mode == Mode::Tproxy;
+    let mut listeners = Vec::new();
+    let mut listen_addrs = Vec::new();
+    for addr in &config.intercept.listen {
+        let std = mxguard_net::bind_listener(*addr, transparent, 4096)
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = TcpListener::from_std(std)?;
+        listen_addrs.push(listener.local_addr()?);
+        listeners.push(listener);
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let admin_addr = match config.admin.listen {
+        Some(addr) => {
+            let listener =
+                crate::admin::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+            Some((listener.local_addr()?, listener))
+        }
+        None => None,
+    };
+
+    let shared = Arc::new(Shared::new(config.clone(), metrics, listen_addrs.clone()));
+    let admin_bound = admin_addr.as_ref().map(|(a, _)| *a);
+    if let Some((_, listener)) = admin_addr {
+        tokio::spawn(crate::admin::serve(
+            listener,
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+
+    tracing::info!(
+        "mxguard {} listening on {} (mode {}, greet delay {}, pregreet action {}){}",
+        env!("CARGO_PKG_VERSION"),
+        join(&listen_addrs),
+        config.intercept.mode.as_str(),
+        config.greet.delay,
+        config.pregreet.action.as_str(),
+        admin_bound.map_or_else(String::new, |a| format!(", admin on {a}")),
+    );
+
+    for listener in listeners {
+        tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx.clone()));
+    }
+    tokio::spawn(purge_loop(shared.clone(), shutdown_rx.clone()));
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&shared, config_path.as_deref(), &overrides),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    let drain = shared.runtime.load().config.limits.drain_timeout.0;
+    let _ = shutdown_tx.send(true);
+    tracing::info!(
+        "draining: no new connections; waiting up to {}s for {} live session(s)",
+        drain.as_secs(),
+        shared.live_sessions()
+    );
+    if shared.drained(drain).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(
+            "drain timeout: closing {} live session(s)",
+            shared.live_sessions()
+        );
+    }
+    Ok(())
+}
+
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parses and validates the whole file first; swaps only if it is good.
+fn reload(shared: &Shared, path: Option<&std::path::Path>, overrides: &Overrides) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: running on built-in defaults, nothing to reload");
+        return;
+    };
+    match Config::load(Some(path), overrides) {
+        Ok(new) => {
+            let old = shared.runtime.load();
+            let needs_restart = [
+                (
+                    "intercept.listen",
+                    old.config.intercept.listen != new.intercept.listen,
+                ),
+                (
+                    "intercept.mode",
+                    old.config.intercept.mode != new.intercept.mode,
+                ),
+                ("admin.listen", old.config.admin.listen != new.admin.listen),
+                ("log", old.config.log != new.log),
+            ];
+            for (key, changed) in needs_restart {
+                if changed {
+                    tracing::warn!("reload: `{key}` changed; it takes effect at restart");
+                }
+            }
+            shared.runtime.store(Arc::new(Runtime::new(new)));
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["ok"])
+                .inc();
+            tracing::info!("reloaded {}", path.display());
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            tracing::error!("reload failed, keeping the running config: {e}");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                shared.session_started();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    crate::session::run(shared.clone(), stream, peer).await;
+                    shared.session_ended();
+                });
+            }
+            Err(e) => accept_failed(&shared, &e).await,
+        }
+    }
+}
+
+/// Out of descriptors (EMFILE/ENFILE) or memory: the pending connection
+/// stays in the backlog and accept would fail again at once. Back off
+/// instead of spinning, and keep the listener.
+async fn accept_failed(shared: &Shared, e: &std::io::Error) {
+    use nix::errno::Errno;
+    let exhausted = e.raw_os_error().is_some_and(|code| {
+        matches!(
+            Errno::from_raw(code),
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM
+        )
+    });
+    let kind = if exhausted { "emfile" } else { "other" };
+    let counter = shared.metrics.accept_errors.with_label_values(&[kind]);
+    // Log the first failure of a burst, not every one.
+    if counter.get().is_multiple_of(1000) {
+        tracing::warn!("accept failed: {e}; backing off");
+    }
+    counter.inc();
+    let pause = if exhausted { 50 } else { 5 };
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+}
+
+async fn purge_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.purge_blocklist(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// A held session costs a descriptor: take all the kernel allows.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!("descriptor limit raised from {soft} to {hard}"),
+            Err(e) => tracing::warn!("cannot raise the descriptor limit above {soft}: {e}"),
+        },
+        Ok((soft, _)) => tracing::debug!("descriptor limit {soft}"),
+        Err(e) => tracing::warn!("cannot read the descriptor limit: {e}"),
+    }
+}

@@ -1,0 +1,603 @@
+//! One connection, from accept to close. See `docs/session-lifecycle.md`.
+//!
+//! ```text
+//!  accept ─► resolve destination ─► blocklisted? ──yes──► 554, close
+//!                 │ loop: close          │ no
+//!                 ▼                      ▼
+//!              (closed)        GREET: send `220-`, hold for the delay,
+//!                              open the upstream (eager, or lazily just
+//!                              before the end), buffer its banner, watch
+//!                              the client for early bytes
+//!                                │ early talk ─► reject (554) / drop / observe
+//!                                │ hang-up    ─► HANGUP, upstream QUIT
+//!                                ▼
+//!                              END OF GREETING (plan_greeting)
+//!                                │ upstream failed ─► 421 now, or 220 then the
+//!                                │                    refusal at the 1st command
+//!                                ▼
+//!                              RELAY: splice (or copy) both ways until both
+//!                              sides close, or idle timeout
+//! ```
+//!
+//! Held sessions are the common case under attack, so the greet phase
+//! allocates nothing until something happens: no buffer, no upstream socket
+//! (lazy connect), one descriptor.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mxguard_policy::{PregreetAction, Verdict};
+use mxguard_smtp::{
+    blocked_reply, challenge_line, closing_reply, find_line_end, plan_greeting,
+    pregreet_reject_reply, PregreetWatch, Reply, ReplyReader, UpstreamGreeting,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+
+use crate::config::{RelayMode, UpstreamConnect};
+use crate::intercept::{self, InterceptError};
+use crate::metrics::Phase;
+use crate::server::{Runtime, Shared};
+
+/// Early bytes kept for an observed early talker, forwarded after the
+/// greeting; past this the client is not read until the greeting ends.
+const EARLY_BUFFER_MAX: usize = 64 * 1024;
+/// A banner longer than this is not a banner.
+const BANNER_MAX: usize = 16 * 1024;
+/// A deferred refusal waits for at most this much of a first command.
+const FIRST_COMMAND_MAX: usize = 4096;
+/// Our own short replies must not wait on a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a polite QUIT to the upstream may take.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What is logged and counted when the session ends.
+struct Record {
+    client: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+    verdict: Verdict,
+    /// The test that decided the verdict, or `none`.
+    test: &'static str,
+    /// How the session ended, in a word (eof, idle, reset, ...).
+    end: &'static str,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// Drives one accepted connection to its end, then logs its verdict.
+pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let runtime = shared.runtime.load_full();
+    let mut record = Record {
+        client: peer,
+        orig_dst: None,
+        verdict: Verdict::Error,
+        test: "none",
+        end: "",
+        bytes_up: 0,
+        bytes_down: 0,
+    };
+    drive(&shared, &runtime, client, started, &mut record).await;
+
+    shared
+        .metrics
+        .connections
+        .with_label_values(&[record.verdict.as_str()])
+        .inc();
+    let orig_dst = record
+        .orig_dst
+        .map_or_else(|| "-".to_string(), |a| a.to_string());
+    tracing::info!(
+        target: "mxguard::session",
+        verdict = %record.verdict,
+        test = %record.test,
+        client = %record.client,
+        orig_dst = %orig_dst,
+        elapsed = format_args!("{:.3}", started.elapsed().as_secs_f64()),
+        bytes_up = record.bytes_up,
+        bytes_down = record.bytes_down,
+        end = %record.end,
+        "session"
+    );
+}
+
+async fn drive(
+    shared: &Shared,
+    runtime: &Runtime,
+    mut client: TcpStream,
+    started: Instant,
+    record: &mut Record,
+) {
+    let config = &runtime.config;
+    let peer = record.client;
+    let local = match client.local_addr() {
+        Ok(local) => local,
+        Err(_) => {
+            record.end = "reset";
+            return;
+        }
+    };
+    let dst = match intercept::resolve(
+        runtime.intercept.as_ref(),
+        &client,
+        local,
+        &shared.listen_addrs,
+    ) {
+        Ok(dst) => dst,
+        Err(InterceptError::Loop(dst)) => {
+            tracing::warn!(
+                "LOOP from [{}]:{}: destination {dst} is the guard itself; refused",
+                peer.ip(),
+                peer.port()
+            );
+            record.verdict = Verdict::Loop;
+            record.orig_dst = Some(dst);
+            record.end = "loop";
+            return;
+        }
+        Err(InterceptError::Unknown(e)) => {
+            tracing::warn!("NODEST from [{}]:{}: {e}; refused", peer.ip(), peer.port());
+            record.verdict = Verdict::Error;
+            record.end = "nodest";
+            return;
+        }
+    };
+    record.orig_dst = Some(dst);
+
+    if shared.is_blocked(peer.ip()) {
+        let reply = blocked_reply(&config.hostname, peer.ip());
+        record.bytes_down += write_reply(&mut client, &reply).await;
+        discard_pending(&client);
+        record.verdict = Verdict::Blocked;
+        record.test = "blocklist";
+        record.end = "closed";
+        return;
+    }
+
+    let greeted = {
+        let _phase = shared.metrics.enter(Phase::Greet);
+        greet(shared, runtime, &mut client, dst, started, record).await
+    };
+    let Some(Greeted {
+        upstream,
+        early,
+        upstream_rest,
+    }) = greeted
+    else {
+        return;
+    };
+
+    let _phase = shared.metrics.enter(Phase::Relay);
+    // Boxed so the large relay state does not enlarge every held session's
+    // future, only the ones that get this far.
+    Box::pin(relay(
+        shared,
+        runtime,
+        client,
+        upstream,
+        early,
+        upstream_rest,
+        record,
+    ))
+    .await;
+}
+
+/// A session that made it through the greeting, ready to relay.
+struct Greeted {
+    upstream: TcpStream,
+    /// Early bytes of an observed early talker, owed to the upstream.
+    early: Vec<u8>,
+    /// Upstream bytes that followed its banner, owed to the client.
+    upstream_rest: Vec<u8>,
+}
+
+/// Where the upstream connection stands during the greeting.
+enum Upstream {
+    /// Not opened yet (lazy connect).
+    Idle,
+    Connecting(Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>),
+    /// Connected; reading its banner.
+    Banner {
+        stream: TcpStream,
+        reader: ReplyReader,
+        deadline: Instant,
+    },
+    Ready {
+        stream: TcpStream,
+        banner: Reply,
+        rest: Vec<u8>,
+    },
+    Failed(&'static str),
+}
+
+impl Upstream {
+    fn settled(&self) -> bool {
+        matches!(self, Self::Ready { .. } | Self::Failed(_))
+    }
+
+    /// Makes progress (connect, read banner) and returns when the state
+    /// changed or something was read; pending forever once settled.
+    async fn advance(&mut self, banner_timeout: Duration) {
+        match self {
+            Self::Connecting(connect) => {
+                *self = match connect.await {
+                    Ok(stream) => Self::Banner {
+                        stream,
+                        reader: ReplyReader::new(BANNER_MAX),
+                        deadline: Instant::now() + banner_timeout,
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => Self::Failed("timeout"),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        Self::Failed("refused")
+                    }
+                    Err(_) => Self::Failed("connect"),
+                };
+            }
+            Self::Banner {
+                stream,
+                reader,
+                deadline,
+            } => {
+                if timeout_at(*deadline, stream.readable()).await.is_err() {
+                    *self = Self::Failed("timeout");
+                    return;
+                }
+                let mut buf = [0u8; 2048];
+                let got = match stream.try_read(&mut buf) {
+                    Ok(0) => None,
+                    Ok(n) => Some(reader.push(&buf[..n])),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => None,
+                };
+                *self = match got {
+                    None | Some(Err(_)) => Self::Failed("banner"),
+                    Some(Ok(None)) => return,
+                    Some(Ok(Some(banner))) => {
+                        let rest = reader.take_rest();
+                        let Self::Banner { stream, .. } = std::mem::replace(self, Self::Idle)
+                        else {
+                            return;
+                        };
+                        Self::Ready {
+                            stream,
+                            banner,
+                            rest,
+                        }
+                    }
+                };
+            }
+            Self::Idle | Self::Ready { .. } | Self::Failed(_) => std::future::pending().await,
+        }
+    }
+
+    /// Closes the upstream side politely, whatever state it is in.
+    async fn quit(self) {
+        match self {
+            Self::Banner { stream, .. } | Self::Ready { stream, .. } => quit_upstream(stream).await,
+            Self::Idle | Self::Connecting(_) | Self::Failed(_) => {}
+        }
+    }
+}
+
+/// The greet phase. Returns `None` when the session ended in it.
+async fn greet(
+    shared: &Shared,
+    runtime: &Runtime,
+    client: &mut TcpStream,
+    dst: SocketAddr,
+    started: Instant,
+    record: &mut Record,
+) -> Option<Greeted> {
+    let config = &runtime.config;
+    let peer = record.client;
+    let greet = &config.greet;
+    let deadline = started + greet.delay.0;
+    let connect_at = match greet.upstream_connect {
+        UpstreamConnect::Eager => started,
+        UpstreamConnect::Lazy => deadline
+            .checked_sub(greet.connect_lead.0)
+            .map_or(started, |t| t.max(started)),
+    };
+
+    if greet.challenge {
+        let line = challenge_line(&config.hostname);
+        record.bytes_down += write_reply(client, &line).await;
+    }
+
+    let mut upstream = Upstream::Idle;
+    let mut watch = PregreetWatch::new(started.into_std(), config.pregreet.capture);
+    let mut early: Vec<u8> = Vec::new();
+    let mut client_open = true;
+
+    loop {
+        let now = Instant::now();
+        if matches!(upstream, Upstream::Idle) && now >= connect_at {
+            let source = runtime.intercept.upstream_source(peer);
+            let connect_timeout = config.intercept.upstream_connect_timeout.0;
+            upstream = Upstream::Connecting(Box::pin(mxguard_net::connect_upstream(
+                dst,
+                source,
+                connect_timeout,
+            )));
+        }
+        if upstream.settled() && now >= deadline {
+            break;
+        }
+        let wake = if matches!(upstream, Upstream::Idle) {
+            connect_at
+        } else {
+            deadline
+        };
+        tokio::select! {
+            ready = client.readable(), if client_open && early.len() < EARLY_BUFFER_MAX => {
+                if ready.is_err() {
+                    client_open = false;
+                    continue;
+                }
+                let mut buf = [0u8; 2048];
+                let n = match client.try_read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => 0,
+                };
+                if n == 0 {
+                    client_open = false;
+                    if watch.current().is_none() || config.pregreet.action != PregreetAction::Observe {
+                        hangup(shared, record, started);
+                        upstream.quit().await;
+                        return None;
+                    }
+                    // An observed early talker that half-closed: its
+                    // bytes still go to the upstream after the greeting.
+                    continue;
+                }
+                let bytes = &buf[..n];
+                if let Some(event) = watch.on_early_bytes(Instant::now().into_std(), bytes) {
+                    tracing::info!(
+                        target: "mxguard::detect",
+                        "{event} from [{}]:{}: {}",
+                        peer.ip(),
+                        peer.port(),
+                        event.first_bytes
+                    );
+                    shared.metrics.detections.with_label_values(&["pregreet"]).inc();
+                    record.test = "pregreet";
+                }
+                record.bytes_up += n as u64;
+                match config.pregreet.action {
+                    PregreetAction::Observe => early.extend_from_slice(bytes),
+                    PregreetAction::Reject => {
+                        let reply = pregreet_reject_reply(&config.hostname);
+                        record.bytes_down += write_reply(client, &reply).await;
+                        discard_pending(client);
+                        shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
+                        record.verdict = Verdict::Reject;
+                        record.end = "closed";
+                        shared.metrics.greet_held_seconds.with_label_values(&["reject"])
+                            .observe(started.elapsed().as_secs_f64());
+                        upstream.quit().await;
+                        return None;
+                    }
+                    PregreetAction::Drop => {
+                        shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
+                        record.verdict = Verdict::Drop;
+                        record.end = "closed";
+                        shared.metrics.greet_held_seconds.with_label_values(&["drop"])
+                            .observe(started.elapsed().as_secs_f64());
+                        upstream.quit().await;
+                        return None;
+                    }
+                }
+            }
+            () = upstream.advance(greet.banner_timeout.0) => {
+                if let Upstream::Failed(kind) = &upstream {
+                    shared.metrics.upstream_connect_errors.with_label_values(&[kind]).inc();
+                    tracing::debug!("upstream {dst} failed during the greeting: {kind}");
+                }
+            }
+            () = sleep_until(wake) => {}
+        }
+    }
+
+    shared
+        .metrics
+        .greet_held_seconds
+        .with_label_values(&["greeted"])
+        .observe(started.elapsed().as_secs_f64());
+    let (stream, banner, rest) = match upstream {
+        Upstream::Ready {
+            stream,
+            banner,
+            rest,
+        } => (Some(stream), Some(banner), rest),
+        _ => (None, None, Vec::new()),
+    };
+    let greeting = match &banner {
+        Some(reply) => UpstreamGreeting::Replied(reply),
+        None => UpstreamGreeting::Failed,
+    };
+    let plan = plan_greeting(greeting, greet.challenge, &config.hostname);
+    record.bytes_down += write_reply(client, &plan.to_client).await;
+
+    if let Some(refusal) = plan.deferred_refusal {
+        if let Some(stream) = stream {
+            quit_upstream(stream).await;
+        }
+        refuse_at_first_command(client, &refusal, runtime, record).await;
+        record.verdict = Verdict::Tempfail;
+        record.test = "upstream";
+        return None;
+    }
+    match stream {
+        Some(upstream) if !plan.close => Some(Greeted {
+            upstream,
+            early,
+            upstream_rest: rest,
+        }),
+        _ => {
+            record.verdict = Verdict::Tempfail;
+            record.test = "upstream";
+            record.end = "closed";
+            None
+        }
+    }
+}
+
+fn hangup(shared: &Shared, record: &mut Record, started: Instant) {
+    let after = started.elapsed().as_secs_f64();
+    tracing::info!(
+        target: "mxguard::detect",
+        "HANGUP after {after:.2} from [{}]:{}",
+        record.client.ip(),
+        record.client.port()
+    );
+    shared
+        .metrics
+        .detections
+        .with_label_values(&["hangup"])
+        .inc();
+    shared
+        .metrics
+        .greet_held_seconds
+        .with_label_values(&["hangup"])
+        .observe(after);
+    record.verdict = Verdict::Hangup;
+    if record.test == "none" {
+        record.test = "hangup";
+    }
+    record.end = "client";
+}
+
+/// The greeting went out as a plain 220 but the upstream cannot serve:
+/// answer the first command with its refusal (a QUIT gets its 221).
+async fn refuse_at_first_command(
+    client: &mut TcpStream,
+    refusal: &[u8],
+    runtime: &Runtime,
+    record: &mut Record,
+) {
+    let mut line = Vec::new();
+    let deadline = Instant::now() + runtime.config.relay.command_timeout.0;
+    let mut buf = [0u8; 512];
+    while find_line_end(&line).is_none() && line.len() < FIRST_COMMAND_MAX {
+        match timeout_at(deadline, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                record.bytes_up += n as u64;
+                line.extend_from_slice(&buf[..n]);
+            }
+            Ok(_) => {
+                record.end = "client";
+                return;
+            }
+            Err(_) => {
+                record.end = "timeout";
+                return;
+            }
+        }
+    }
+    let is_quit = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"QUIT");
+    let reply = if is_quit {
+        closing_reply(&runtime.config.hostname)
+    } else {
+        refusal.to_vec()
+    };
+    record.bytes_down += write_reply(client, &reply).await;
+    record.end = "closed";
+}
+
+/// Relays a greeted session to its end.
+async fn relay(
+    shared: &Shared,
+    runtime: &Runtime,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    early: Vec<u8>,
+    upstream_rest: Vec<u8>,
+    record: &mut Record,
+) {
+    let config = &runtime.config;
+    // What the greeting held back is owed first, in order.
+    if !early.is_empty()
+        && timeout(WRITE_TIMEOUT, upstream.write_all(&early))
+            .await
+            .is_err()
+    {
+        record.verdict = Verdict::Error;
+        record.end = "upstream";
+        return;
+    }
+    if !upstream_rest.is_empty() {
+        record.bytes_down += write_reply(&mut client, &upstream_rest).await;
+    }
+    drop((early, upstream_rest));
+
+    let mode = match config.relay.mode {
+        RelayMode::Splice => mxguard_net::RelayMode::Splice,
+        RelayMode::Copy => mxguard_net::RelayMode::Copy,
+    };
+    let result = mxguard_net::relay(
+        &client,
+        &upstream,
+        mode,
+        config.relay.idle_timeout.0,
+        &shared.relay_counters,
+    )
+    .await;
+    record.verdict = Verdict::Pass;
+    let stats = match &result {
+        Ok(stats) => *stats,
+        Err(e) => e.stats(),
+    };
+    record.bytes_up += stats.up;
+    record.bytes_down += stats.down;
+    record.end = match result {
+        Ok(_) => "eof",
+        Err(mxguard_net::RelayError::Idle { .. }) => "idle",
+        Err(mxguard_net::RelayError::Client { .. }) => "client-reset",
+        Err(mxguard_net::RelayError::Upstream { .. }) => "upstream-reset",
+        Err(mxguard_net::RelayError::Local { error, .. }) => {
+            tracing::warn!("relay for {} failed on our side: {error}", record.client);
+            record.verdict = Verdict::Error;
+            "local"
+        }
+    };
+}
+
+/// Writes one of our own replies; returns the bytes written. A client that
+/// does not take a few hundred bytes within the timeout is not waited for.
+async fn write_reply(client: &mut TcpStream, reply: &[u8]) -> u64 {
+    match timeout(WRITE_TIMEOUT, client.write_all(reply)).await {
+        Ok(Ok(())) => reply.len() as u64,
+        _ => 0,
+    }
+}
+
+/// Reads and forgets what the client already sent, so that closing does
+/// not turn into a reset that could destroy our last reply in flight
+/// (a socket closed with unread data sends RST, not FIN).
+fn discard_pending(client: &TcpStream) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match client.try_read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
+/// Says QUIT to an upstream we no longer need and waits briefly for it to
+/// close, so the MTA logs a clean disconnect rather than a lost connection.
+async fn quit_upstream(mut stream: TcpStream) {
+    let polite = async {
+        stream.write_all(b"QUIT\r\n").await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    };
+    let _ = timeout(QUIT_TIMEOUT, polite).await;
+}
