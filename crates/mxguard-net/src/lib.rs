@@ -1,1 +1,50 @@
+//! Linux plumbing for mxguard: the socket options, listeners, upstream
+//! connections and the zero-copy relay the daemon needs.
+//!
+//! This is the only mxguard crate allowed `unsafe`; every `unsafe` block says
+//! why it is sound in a `// SAFETY:` comment, and safe `nix`/`socket2` calls
+//! are used wherever they exist.
+//!
+//! # API
+//!
+//! ```text
+//! // intercept: where the client meant to go (iptables REDIRECT)
+//! pub fn original_dst(sock: &impl AsFd, local: SocketAddr) -> io::Result<SocketAddr>
+//!
+//! // listeners and upstream connections
+//! pub fn bind_listener(addr: SocketAddr, transparent: bool, backlog: i32)
+//!     -> io::Result<std::net::TcpListener>
+//! pub async fn connect_upstream(dst: SocketAddr, bind: Option<SocketAddr>, timeout: Duration)
+//!     -> io::Result<tokio::net::TcpStream>
+//!
+//! // the relay, once inspection is over
+//! pub async fn relay(client: &TcpStream, upstream: &TcpStream, mode: RelayMode,
+//!                    idle: Duration, observer: &dyn RelayObserver)
+//!     -> Result<RelayStats, RelayError>
+//! pub enum RelayMode { Splice, Copy }
+//! pub enum Direction { Upstream, Downstream }
+//! pub struct RelayStats { pub up: u64, pub down: u64 }
+//! pub trait RelayObserver: Sync { fn relayed(&self, mode: RelayMode, dir: Direction, n: u64); }
+//! pub enum RelayError { Client{..}, Upstream{..}, Idle{..}, Local{..} }  // who caused it
+//!
+//! // timing features
+//! pub fn tcp_rtt(sock: &impl AsFd) -> io::Result<Duration>
+//! ```
+//!
+//! `relay` returns a [`RelayError`] rather than a bare `io::Error` so that the
+//! caller knows *who* ended the session (client, upstream, idle timeout, or
+//! our own plumbing) and still gets the byte counts; it converts into an
+//! `io::Error` with the same [`kind`](RelayError::kind) (an idle timeout is
+//! `TimedOut`), so `?` in an `io::Result` function keeps working.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod orig_dst;
+pub mod relay;
+pub mod sockets;
+pub mod tcp_info;
+
+pub use orig_dst::original_dst;
+pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
+pub use sockets::{bind_listener, connect_upstream};
+pub use tcp_info::tcp_rtt;

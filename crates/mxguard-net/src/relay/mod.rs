@@ -1,0 +1,235 @@
+//! The relay: once inspection is over, move bytes both ways between the
+//! client and the MTA until both sides are done, zero-copy where possible.
+//!
+//! Semantics (both modes):
+//!
+//! - Both directions run at once, in one future, without spawning.
+//! - Half-close: EOF from one side is passed on as `shutdown(Write)` to the
+//!   other, after every byte read before it has been written; the other
+//!   direction keeps going until its own EOF. The relay returns
+//!   `Ok(stats)` when both directions have ended this way.
+//! - A reset or any other error on either socket ends the relay at once
+//!   with a [`RelayError`] naming the side it came from.
+//! - Idle timeout: no byte in either direction for `idle` ends the relay
+//!   with [`RelayError::Idle`]. A byte either way resets it, so a slow
+//!   one-way transfer is not idle.
+//!
+//! The future holds no pipe, buffer or heap allocation until bytes flow, and
+//! gives them back whenever both sockets wait again (see `pipe.rs`), so tens
+//! of thousands of idle sessions cost little more than their sockets.
+
+mod pipe;
+mod pump;
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use pump::{Culprit, Fault, Pump};
+
+/// How the relay moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelayMode {
+    /// splice(2) through a kernel pipe per direction: bytes never enter
+    /// userspace.
+    Splice,
+    /// read/write through a 16 KiB userspace buffer per direction.
+    Copy,
+}
+
+impl RelayMode {
+    /// The metric label: `splice` or `copy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayMode::Splice => "splice",
+            RelayMode::Copy => "copy",
+        }
+    }
+}
+
+/// Which way bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Client to MTA.
+    Upstream,
+    /// MTA to client.
+    Downstream,
+}
+
+impl Direction {
+    /// The metric label: `upstream` or `downstream`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Upstream => "upstream",
+            Direction::Downstream => "downstream",
+        }
+    }
+}
+
+/// Bytes delivered by a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Client to upstream (written to the upstream socket).
+    pub up: u64,
+    /// Upstream to client (written to the client socket).
+    pub down: u64,
+}
+
+/// Told about bytes as they are written to their destination (once per
+/// splice or write call), so counters move during long sessions, not only
+/// at their end.
+///
+/// Called from inside the relay's poll: keep it cheap and non-blocking
+/// (an atomic add).
+pub trait RelayObserver: Sync {
+    /// `n` more bytes went `dir`.
+    fn relayed(&self, mode: RelayMode, dir: Direction, n: u64);
+}
+
+/// Observes nothing.
+impl RelayObserver for () {
+    fn relayed(&self, _mode: RelayMode, _dir: Direction, _n: u64) {}
+}
+
+/// Why a relay ended early, and whose doing it was. Each variant carries the
+/// bytes delivered until then.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Reading from or writing to the client failed (typically: it reset
+    /// the connection).
+    #[error("client connection failed: {error}")]
+    Client {
+        /// The failed call's error.
+        error: io::Error,
+        /// Bytes delivered before it.
+        stats: RelayStats,
+    },
+    /// Reading from or writing to the upstream failed.
+    #[error("upstream connection failed: {error}")]
+    Upstream {
+        /// The failed call's error.
+        error: io::Error,
+        /// Bytes delivered before it.
+        stats: RelayStats,
+    },
+    /// No byte in either direction for `idle`.
+    #[error("session idle for {idle:?}")]
+    Idle {
+        /// The idle timeout that expired.
+        idle: Duration,
+        /// Bytes delivered before it.
+        stats: RelayStats,
+    },
+    /// Our own plumbing failed, e.g. no file descriptor left for a pipe.
+    #[error("relay plumbing failed: {error}")]
+    Local {
+        /// The failed call's error.
+        error: io::Error,
+        /// Bytes delivered before it.
+        stats: RelayStats,
+    },
+}
+
+impl RelayError {
+    /// Bytes delivered before the relay ended.
+    pub fn stats(&self) -> RelayStats {
+        match self {
+            RelayError::Client { stats, .. }
+            | RelayError::Upstream { stats, .. }
+            | RelayError::Idle { stats, .. }
+            | RelayError::Local { stats, .. } => *stats,
+        }
+    }
+
+    /// The `io::ErrorKind` of the failure; [`io::ErrorKind::TimedOut`] for
+    /// an idle timeout.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            RelayError::Client { error, .. }
+            | RelayError::Upstream { error, .. }
+            | RelayError::Local { error, .. } => error.kind(),
+            RelayError::Idle { .. } => io::ErrorKind::TimedOut,
+        }
+    }
+}
+
+impl From<RelayError> for io::Error {
+    fn from(e: RelayError) -> io::Error {
+        io::Error::new(e.kind(), e)
+    }
+}
+
+/// Relay bytes between `client` and `upstream` until both directions have
+/// ended (`Ok`), either socket fails, or neither moved a byte for `idle`
+/// (see the module docs for the exact semantics).
+///
+/// The sockets are only borrowed: the caller closes them after. Dropping
+/// the future stops the relay; bytes already in a pipe are then lost, as
+/// with any connection that is torn down.
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mode: RelayMode,
+    idle: Duration,
+    observer: &dyn RelayObserver,
+) -> Result<RelayStats, RelayError> {
+    let mut up = Pump::new(Direction::Upstream, mode, client, upstream);
+    let mut down = Pump::new(Direction::Downstream, mode, upstream, client);
+    let mut last_activity = Instant::now();
+    // Reset lazily: moving bytes only records the instant; the timer is
+    // re-armed when it fires early, so a busy session costs no timer work.
+    let mut idle_timer = pin!(tokio::time::sleep_until(idle_deadline(last_activity, idle)));
+
+    poll_fn(|cx| {
+        let stats = |up: &Pump<'_>, down: &Pump<'_>| RelayStats {
+            up: up.delivered(),
+            down: down.delivered(),
+        };
+        let up_result = up.poll(cx, observer);
+        let down_result = down.poll(cx, observer);
+        if up.take_activity() | down.take_activity() {
+            last_activity = Instant::now();
+        }
+        for result in [up_result, down_result] {
+            if let Poll::Ready(Err(fault)) = result {
+                return Poll::Ready(Err(relay_error(fault, stats(&up, &down))));
+            }
+        }
+        if up.is_done() && down.is_done() {
+            return Poll::Ready(Ok(stats(&up, &down)));
+        }
+        while idle_timer.as_mut().poll(cx).is_ready() {
+            let deadline = idle_deadline(last_activity, idle);
+            if Instant::now() >= deadline {
+                return Poll::Ready(Err(RelayError::Idle {
+                    idle,
+                    stats: stats(&up, &down),
+                }));
+            }
+            idle_timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn idle_deadline(last_activity: Instant, idle: Duration) -> Instant {
+    // An absurdly long `idle` means "never"; a year is never enough.
+    last_activity
+        .checked_add(idle)
+        .unwrap_or_else(|| last_activity + Duration::from_secs(365 * 24 * 3600))
+}
+
+fn relay_error(fault: Fault, stats: RelayStats) -> RelayError {
+    let Fault { culprit, error } = fault;
+    match culprit {
+        Culprit::Client => RelayError::Client { error, stats },
+        Culprit::Upstream => RelayError::Upstream { error, stats },
+        Culprit::Local => RelayError::Local { error, stats },
+    }
+}

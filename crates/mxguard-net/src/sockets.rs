@@ -1,0 +1,96 @@
+//! Listening sockets and upstream connections, including the transparent
+//! (TPROXY) variants.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A nonblocking, close-on-exec TCP listener, ready to hand to
+/// `tokio::net::TcpListener::from_std`.
+///
+/// `SO_REUSEADDR` is always set (a restart must not wait out TIME_WAIT);
+/// IPv6 listeners are `IPV6_V6ONLY`, so `[::]:25` and `0.0.0.0:25` can be
+/// listened on side by side and an IPv6 socket only ever sees IPv6 clients.
+/// `transparent` sets `IP_TRANSPARENT` / `IPV6_TRANSPARENT`, which TPROXY
+/// needs to deliver connections for foreign addresses to this socket; it
+/// requires `CAP_NET_ADMIN`.
+pub fn bind_listener(
+    addr: SocketAddr,
+    transparent: bool,
+    backlog: i32,
+) -> io::Result<std::net::TcpListener> {
+    // socket2 opens the socket with SOCK_CLOEXEC on Linux.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if transparent {
+        set_transparent(&socket, addr)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Connect to the MTA, giving up with [`io::ErrorKind::TimedOut`] after
+/// `timeout`. `TCP_NODELAY` is on: SMTP is a dialogue of short lines and
+/// the replies we hold back must not be delayed once released.
+///
+/// With `bind` set, the socket is made transparent and bound to that
+/// address before connecting, so that in TPROXY setups the MTA sees the
+/// client's real address (pass port 0 to let the kernel pick the port).
+/// This needs `CAP_NET_ADMIN` and a routing rule that brings the MTA's
+/// replies back to this host; `bind` must be of the same family as `dst`.
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    bind: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(src) = bind {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot connect from {src} to {dst}: address families differ"),
+            ));
+        }
+        set_transparent(&SockRef::from(&socket), src)?;
+        socket.bind(src)?;
+    }
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(connected) => connected,
+        Err(_elapsed) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// `IP_TRANSPARENT` or `IPV6_TRANSPARENT`, by the family of `addr`.
+fn set_transparent(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
+    let set = if addr.is_ipv4() {
+        socket.set_ip_transparent_v4(true)
+    } else {
+        socket.set_ip_transparent_v6(true)
+    };
+    set.map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            io::Error::new(
+                e.kind(),
+                format!("transparent socket for {addr} needs CAP_NET_ADMIN: {e}"),
+            )
+        } else {
+            e
+        }
+    })
+}

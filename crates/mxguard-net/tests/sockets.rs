@@ -1,0 +1,263 @@
+//! Listeners, upstream connections, original destination and TCP_INFO on
+//! real loopback sockets. Transparent (TPROXY) options need CAP_NET_ADMIN;
+//! without it those checks only assert the clear permission error. The
+//! NATed original-destination case needs iptables and belongs to the
+//! end-to-end tests in network namespaces.
+
+// Test code: a failed unwrap is a failed test (clippy only sees #[test] fns as tests).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use mxguard_net::{bind_listener, connect_upstream, original_dst, tcp_rtt};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use socket2::{Domain, SockRef, Socket, Type};
+use support::connected_pair;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn is_cloexec(fd: impl AsFd) -> bool {
+    let flags = fcntl(fd, FcntlArg::F_GETFD).unwrap();
+    FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC)
+}
+
+/// Accepts one connection on a `bind_listener` socket and returns the
+/// client's address as the listener saw it.
+async fn accept_one(listener: std::net::TcpListener) -> (TcpStream, SocketAddr) {
+    let listener = TcpListener::from_std(listener).unwrap();
+    listener.accept().await.unwrap()
+}
+
+#[tokio::test]
+async fn ipv4_listener_is_nonblocking_reusable_and_cloexec() {
+    let listener = bind_listener(addr("127.0.0.1:0"), false, 128).unwrap();
+    let local = listener.local_addr().unwrap();
+    assert_eq!(local.ip(), addr("127.0.0.1:0").ip());
+    assert_ne!(local.port(), 0);
+    let sock = SockRef::from(&listener);
+    assert!(sock.nonblocking().unwrap());
+    assert!(sock.reuse_address().unwrap());
+    assert!(is_cloexec(&listener));
+
+    let (connected, (_accepted, peer)) =
+        tokio::join!(TcpStream::connect(local), accept_one(listener));
+    assert_eq!(peer, connected.unwrap().local_addr().unwrap());
+}
+
+#[tokio::test]
+async fn ipv6_listener_is_v6_only() {
+    let listener = bind_listener(addr("[::1]:0"), false, 128).unwrap();
+    let local = listener.local_addr().unwrap();
+    assert!(local.is_ipv6());
+    let sock = SockRef::from(&listener);
+    assert!(sock.only_v6().unwrap());
+    assert!(sock.reuse_address().unwrap());
+    assert!(sock.nonblocking().unwrap());
+
+    let (connected, (_accepted, peer)) =
+        tokio::join!(TcpStream::connect(local), accept_one(listener));
+    assert_eq!(peer, connected.unwrap().local_addr().unwrap());
+}
+
+#[tokio::test]
+async fn a_restart_rebinds_the_port_despite_time_wait() {
+    let listener = bind_listener(addr("127.0.0.1:0"), false, 128).unwrap();
+    let local = listener.local_addr().unwrap();
+    let (connected, (accepted, _)) = tokio::join!(TcpStream::connect(local), accept_one(listener));
+    // The proxy closes first, so its end of the connection sits in TIME_WAIT.
+    drop(accepted);
+    let mut connected = connected.unwrap();
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut connected, &mut rest)
+        .await
+        .unwrap();
+    drop(connected);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let plain = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let e = plain.bind(&local.into()).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        io::ErrorKind::AddrInUse,
+        "TIME_WAIT blocks a plain bind"
+    );
+
+    bind_listener(local, false, 128).expect("rebinding after a restart");
+}
+
+#[tokio::test]
+async fn transparent_listener_sets_ip_transparent_or_says_it_needs_cap_net_admin() {
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        match bind_listener(addr(listen), true, 128) {
+            Ok(listener) => {
+                let sock = SockRef::from(&listener);
+                let transparent = if listener.local_addr().unwrap().is_ipv4() {
+                    sock.ip_transparent_v4().unwrap()
+                } else {
+                    sock.ip_transparent_v6().unwrap()
+                };
+                assert!(transparent, "{listen}");
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+                assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_connection_has_nodelay() {
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let listener = TcpListener::bind(listen).await.unwrap();
+        let mta = listener.local_addr().unwrap();
+        let (stream, accepted) = tokio::join!(
+            connect_upstream(mta, None, Duration::from_secs(5)),
+            listener.accept()
+        );
+        let stream = stream.unwrap();
+        assert!(stream.nodelay().unwrap());
+        assert_eq!(accepted.unwrap().1, stream.local_addr().unwrap());
+    }
+}
+
+#[tokio::test]
+async fn refused_upstream_is_connection_refused() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let e = connect_upstream(port, None, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+}
+
+#[tokio::test]
+async fn unanswered_upstream_times_out() {
+    // A listener whose accept queue is full drops further SYNs: the next
+    // connection hangs in SYN_SENT, as with an MTA behind a dead link.
+    let listener = bind_listener(addr("127.0.0.1:0"), false, 0).unwrap();
+    let mta = listener.local_addr().unwrap();
+    let timeout = Duration::from_millis(200);
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let started = Instant::now();
+        match connect_upstream(mta, None, timeout).await {
+            Ok(stream) => queued.push(stream),
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+                let elapsed = started.elapsed();
+                assert!(elapsed >= timeout, "{elapsed:?}");
+                assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+                return;
+            }
+        }
+    }
+    panic!(
+        "the accept queue never filled: {} connections",
+        queued.len()
+    );
+}
+
+#[tokio::test]
+async fn transparent_upstream_connects_from_the_clients_address() {
+    // In TPROXY mode the upstream socket is bound to the client's address;
+    // on loopback 127.0.0.2 stands in for the client.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mta = listener.local_addr().unwrap();
+    let client = addr("127.0.0.2:0");
+    let (stream, accepted) = tokio::join!(
+        connect_upstream(mta, Some(client), Duration::from_secs(5)),
+        async { tokio::time::timeout(Duration::from_secs(5), listener.accept()).await }
+    );
+    match stream {
+        Ok(stream) => {
+            assert!(SockRef::from(&stream).ip_transparent_v4().unwrap());
+            let (_, seen) = accepted.unwrap().unwrap();
+            assert_eq!(seen.ip(), client.ip(), "the MTA sees the client's address");
+        }
+        Err(e) => {
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn transparent_bind_must_match_the_upstream_family() {
+    let e = connect_upstream(
+        addr("[::1]:25"),
+        Some(addr("127.0.0.2:0")),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+}
+
+/// What a socket that was never NATed answers: ENOENT from conntrack, or
+/// ENOPROTOOPT where the conntrack module is not loaded. Never a panic.
+fn assert_no_original_dst(result: io::Result<SocketAddr>) {
+    let e = result.expect_err("a loopback connection has no NAT original destination");
+    assert!(
+        e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOPROTOOPT),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn original_dst_of_a_connection_that_was_not_redirected_is_an_error() {
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let (_client, accepted) = connected_pair(addr(listen)).await;
+        let local = accepted.local_addr().unwrap();
+        assert_no_original_dst(original_dst(&accepted, local));
+    }
+}
+
+#[tokio::test]
+async fn original_dst_of_an_ipv4_client_on_a_dual_stack_socket_is_an_error() {
+    // A dual-stack listener on the IPv4-mapped loopback address: the
+    // accepted socket is AF_INET6 with a local address of ::ffff:127.0.0.1.
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+    socket.set_only_v6(false).unwrap();
+    socket.bind(&addr("[::ffff:127.0.0.1]:0").into()).unwrap();
+    socket.listen(8).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(socket.into()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    let (client, accepted) = tokio::join!(
+        TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))),
+        listener.accept()
+    );
+    let _client = client.unwrap();
+    let (accepted, _) = accepted.unwrap();
+    let local = accepted.local_addr().unwrap();
+    assert_eq!(local.ip().to_canonical(), addr("127.0.0.1:0").ip());
+    assert!(local.is_ipv6());
+    assert_no_original_dst(original_dst(&accepted, local));
+}
+
+#[tokio::test]
+async fn tcp_rtt_of_a_loopback_connection_is_small() {
+    let (client, accepted) = connected_pair(addr("127.0.0.1:0")).await;
+    for sock in [&client, &accepted] {
+        let rtt = tcp_rtt(sock).unwrap();
+        assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+    }
+}
+
+#[tokio::test]
+async fn tcp_rtt_of_a_listener_is_zero_not_an_error() {
+    let listener = bind_listener(addr("127.0.0.1:0"), false, 8).unwrap();
+    assert_eq!(tcp_rtt(&listener).unwrap(), Duration::ZERO);
+}
