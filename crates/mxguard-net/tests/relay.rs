@@ -258,3 +258,41 @@ async fn the_relay_future_is_small_and_send() {
     println!("relay future: {size} bytes");
     assert!(size <= 512, "relay future grew to {size} bytes");
 }
+
+/// Throughput on loopback, one way, per mode. Not a CI test:
+/// `cargo test --release -p mxguard-net --test relay -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn throughput_one_way() {
+    const TOTAL: usize = 2 << 30;
+    for mode in [RelayMode::Splice, RelayMode::Copy] {
+        let (mut client, mut mta, _observer, relayed) = start_relay(peers().await, mode, LONG_IDLE);
+        let started = Instant::now();
+        let sender = tokio::spawn(async move {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..TOTAL / chunk.len() {
+                client.write_all(&chunk).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut sink = vec![0; 1 << 20];
+        let mut got = 0;
+        loop {
+            match mta.read(&mut sink).await.unwrap() {
+                0 => break,
+                n => got += n,
+            }
+        }
+        let elapsed = started.elapsed();
+        drop(mta);
+        drop(sender.await.unwrap());
+        finished(relayed).await.unwrap();
+        assert_eq!(got, TOTAL);
+        let mib_s = TOTAL as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
+        println!(
+            "{}: {TOTAL} bytes in {elapsed:?} = {mib_s:.0} MiB/s",
+            mode.as_str()
+        );
+    }
+}

@@ -168,9 +168,13 @@ impl From<RelayError> for io::Error {
 /// ended (`Ok`), either socket fails, or neither moved a byte for `idle`
 /// (see the module docs for the exact semantics).
 ///
-/// The sockets are only borrowed: the caller closes them after. Dropping
-/// the future stops the relay; bytes already in a pipe are then lost, as
-/// with any connection that is torn down.
+/// The sockets are only borrowed: the caller closes them after, and must
+/// not read or write them while the relay runs. Dropping the future stops
+/// the relay; bytes already in a pipe are then lost, as with any connection
+/// that is torn down.
+///
+/// Splice mode relies on `SIGPIPE` being ignored, as the Rust runtime does
+/// in every Rust binary: splice(2) has no `MSG_NOSIGNAL`.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
