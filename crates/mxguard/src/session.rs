@@ -247,17 +247,14 @@ impl Upstream {
                     *self = Self::Failed("timeout");
                     return;
                 }
-                let mut buf = [0u8; 2048];
-                let got = match stream.try_read(&mut buf) {
-                    Ok(0) => None,
-                    Ok(n) => Some(reader.push(&buf[..n])),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    Err(_) => None,
+                let got = match read_banner(stream, reader) {
+                    BannerRead::WouldBlock => return,
+                    other => other,
                 };
                 *self = match got {
-                    None | Some(Err(_)) => Self::Failed("banner"),
-                    Some(Ok(None)) => return,
-                    Some(Ok(Some(banner))) => {
+                    BannerRead::Failed => Self::Failed("banner"),
+                    BannerRead::WouldBlock | BannerRead::Partial => return,
+                    BannerRead::Complete(banner) => {
                         let rest = reader.take_rest();
                         let Self::Banner { stream, .. } = std::mem::replace(self, Self::Idle)
                         else {
@@ -278,7 +275,9 @@ impl Upstream {
     /// Closes the upstream side politely, whatever state it is in.
     async fn quit(self) {
         match self {
-            Self::Banner { stream, .. } | Self::Ready { stream, .. } => quit_upstream(stream).await,
+            Self::Banner { stream, .. } | Self::Ready { stream, .. } => {
+                Box::pin(quit_upstream(stream)).await
+            }
             Self::Idle | Self::Connecting(_) | Self::Failed(_) => {}
         }
     }
@@ -339,60 +338,52 @@ async fn greet(
                     client_open = false;
                     continue;
                 }
-                let mut buf = [0u8; 2048];
-                let n = match client.try_read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => 0,
+                let observe = config.pregreet.action == PregreetAction::Observe;
+                match read_early(client, &mut watch, observe.then_some(&mut early)) {
+                    ClientRead::WouldBlock => continue,
+                    ClientRead::Closed => {
+                        client_open = false;
+                        if watch.current().is_none() || !observe {
+                            hangup(shared, record, started);
+                            upstream.quit().await;
+                            return None;
+                        }
+                        // An observed early talker that half-closed: its
+                        // bytes still go to the upstream after the greeting.
+                        continue;
+                    }
+                    ClientRead::Early { n, event } => {
+                        record.bytes_up += n as u64;
+                        if let Some(event) = event {
+                            tracing::info!(
+                                target: "mxguard::detect",
+                                "{event} from [{}]:{}: {}",
+                                peer.ip(),
+                                peer.port(),
+                                event.first_bytes
+                            );
+                            shared.metrics.detections.with_label_values(&["pregreet"]).inc();
+                            record.test = "pregreet";
+                        }
+                    }
+                }
+                let (verdict, label) = match config.pregreet.action {
+                    PregreetAction::Observe => continue,
+                    PregreetAction::Reject => (Verdict::Reject, "reject"),
+                    PregreetAction::Drop => (Verdict::Drop, "drop"),
                 };
-                if n == 0 {
-                    client_open = false;
-                    if watch.current().is_none() || config.pregreet.action != PregreetAction::Observe {
-                        hangup(shared, record, started);
-                        upstream.quit().await;
-                        return None;
-                    }
-                    // An observed early talker that half-closed: its
-                    // bytes still go to the upstream after the greeting.
-                    continue;
+                if verdict == Verdict::Reject {
+                    let reply = pregreet_reject_reply(&config.hostname);
+                    record.bytes_down += write_reply(client, &reply).await;
+                    discard_pending(client);
                 }
-                let bytes = &buf[..n];
-                if let Some(event) = watch.on_early_bytes(Instant::now().into_std(), bytes) {
-                    tracing::info!(
-                        target: "mxguard::detect",
-                        "{event} from [{}]:{}: {}",
-                        peer.ip(),
-                        peer.port(),
-                        event.first_bytes
-                    );
-                    shared.metrics.detections.with_label_values(&["pregreet"]).inc();
-                    record.test = "pregreet";
-                }
-                record.bytes_up += n as u64;
-                match config.pregreet.action {
-                    PregreetAction::Observe => early.extend_from_slice(bytes),
-                    PregreetAction::Reject => {
-                        let reply = pregreet_reject_reply(&config.hostname);
-                        record.bytes_down += write_reply(client, &reply).await;
-                        discard_pending(client);
-                        shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
-                        record.verdict = Verdict::Reject;
-                        record.end = "closed";
-                        shared.metrics.greet_held_seconds.with_label_values(&["reject"])
-                            .observe(started.elapsed().as_secs_f64());
-                        upstream.quit().await;
-                        return None;
-                    }
-                    PregreetAction::Drop => {
-                        shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
-                        record.verdict = Verdict::Drop;
-                        record.end = "closed";
-                        shared.metrics.greet_held_seconds.with_label_values(&["drop"])
-                            .observe(started.elapsed().as_secs_f64());
-                        upstream.quit().await;
-                        return None;
-                    }
-                }
+                shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
+                record.verdict = verdict;
+                record.end = "closed";
+                shared.metrics.greet_held_seconds.with_label_values(&[label])
+                    .observe(started.elapsed().as_secs_f64());
+                upstream.quit().await;
+                return None;
             }
             () = upstream.advance(greet.banner_timeout.0) => {
                 if let Upstream::Failed(kind) = &upstream {
@@ -426,9 +417,9 @@ async fn greet(
 
     if let Some(refusal) = plan.deferred_refusal {
         if let Some(stream) = stream {
-            quit_upstream(stream).await;
+            Box::pin(quit_upstream(stream)).await;
         }
-        refuse_at_first_command(client, &refusal, runtime, record).await;
+        Box::pin(refuse_at_first_command(client, &refusal, runtime, record)).await;
         record.verdict = Verdict::Tempfail;
         record.test = "upstream";
         return None;
@@ -445,6 +436,64 @@ async fn greet(
             record.end = "closed";
             None
         }
+    }
+}
+
+/// What one read from the client during the greeting gave.
+enum ClientRead {
+    WouldBlock,
+    /// EOF or reset.
+    Closed,
+    /// `n` early bytes; `event` the first time.
+    Early {
+        n: usize,
+        event: Option<mxguard_smtp::Pregreet>,
+    },
+}
+
+/// Reads what the client sent early. Synchronous on purpose: the read
+/// buffer lives on the stack of this call, never in the session's future,
+/// so a held session stays small.
+fn read_early(
+    client: &TcpStream,
+    watch: &mut PregreetWatch,
+    keep: Option<&mut Vec<u8>>,
+) -> ClientRead {
+    let mut buf = [0u8; 2048];
+    let n = match client.try_read(&mut buf) {
+        Ok(0) => return ClientRead::Closed,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ClientRead::WouldBlock,
+        Err(_) => return ClientRead::Closed,
+    };
+    let event = watch.on_early_bytes(Instant::now().into_std(), &buf[..n]);
+    if let Some(keep) = keep {
+        keep.extend_from_slice(&buf[..n]);
+    }
+    ClientRead::Early { n, event }
+}
+
+/// What one read of the upstream's banner gave.
+enum BannerRead {
+    WouldBlock,
+    Partial,
+    Complete(Reply),
+    /// EOF, reset, or not a reply.
+    Failed,
+}
+
+/// Reads banner bytes; synchronous for the same reason as [`read_early`].
+fn read_banner(stream: &TcpStream, reader: &mut ReplyReader) -> BannerRead {
+    let mut buf = [0u8; 2048];
+    match stream.try_read(&mut buf) {
+        Ok(0) => BannerRead::Failed,
+        Ok(n) => match reader.push(&buf[..n]) {
+            Ok(Some(reply)) => BannerRead::Complete(reply),
+            Ok(None) => BannerRead::Partial,
+            Err(_) => BannerRead::Failed,
+        },
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => BannerRead::WouldBlock,
+        Err(_) => BannerRead::Failed,
     }
 }
 
@@ -600,4 +649,32 @@ async fn quit_upstream(mut stream: TcpStream) {
         io::Result::Ok(())
     };
     let _ = timeout(QUIT_TIMEOUT, polite).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// Under attack tens of thousands of sessions sit in the greet delay;
+    /// each costs its task's future. Keep it small (buffers live on the
+    /// stack of synchronous reads, the relay and rare paths are boxed).
+    #[tokio::test]
+    async fn a_held_session_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let shared = Arc::new(Shared::new(
+            Config::default(),
+            Metrics::new().unwrap(),
+            vec![addr],
+        ));
+        let session = run(shared, stream, peer);
+        let size = std::mem::size_of_val(&session);
+        // 1.7 KiB today; the held-session target (issue 6) needs holding
+        // without a task per session. This bound stops regressions.
+        assert!(size <= 2048, "session future is {size} bytes");
+    }
 }
