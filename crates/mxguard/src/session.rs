@@ -98,7 +98,7 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         test = %record.test,
         client = %record.client,
         orig_dst = %orig_dst,
-        elapsed = format_args!("{:.3}", started.elapsed().as_secs_f64()),
+        elapsed = started.elapsed().as_millis() as f64 / 1000.0,
         bytes_up = record.bytes_up,
         bytes_down = record.bytes_down,
         end = %record.end,
