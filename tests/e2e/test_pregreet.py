@@ -1,0 +1,190 @@
+"""Early talkers: clients that speak before the greeting is over.
+
+Three bots: one sends EHLO the moment it connects, one right after our
+`220-` line (a client that does not wait for the end of a multi-line reply),
+one sends a whole transaction at once. Each is rejected with 554, the MTA
+never sees a byte of it (with lazy upstream connect it never even sees a
+connection), and the address is refused at once when it comes back, while
+another address is served normally."""
+
+import re
+import time
+
+import pytest
+
+from peers import RawClient, lf, make_message, swaks
+
+EHLO = b"EHLO bot.example.test\r\n"
+
+
+def whole_transaction(msg) -> bytes:
+    return (EHLO + f"MAIL FROM:<{msg.sender}>\r\nRCPT TO:<{msg.rcpt}>\r\nDATA\r\n".encode()
+            + msg.data.replace(b"\r\n.", b"\r\n..") + b".\r\nQUIT\r\n")
+
+
+def bot_ehlo_on_connect(client, msg):
+    client.send(EHLO)
+
+
+def bot_ehlo_after_challenge_line(client, msg):
+    at, line = client.read_line()
+    assert line.startswith(b"220-"), line
+    client.send(EHLO)
+
+
+def bot_whole_transaction(client, msg):
+    client.send(whole_transaction(msg))
+
+
+BOTS = [bot_ehlo_on_connect, bot_ehlo_after_challenge_line, bot_whole_transaction]
+BOT_IDS = ["ehlo-on-connect", "ehlo-after-220-line", "whole-transaction"]
+
+# Long enough that the bot is caught well before a lazy upstream connect.
+SLOW_GREET = {"greet.delay": "1500ms", "greet.connect_lead": "300ms"}
+
+
+@pytest.mark.parametrize("bot", BOTS, ids=BOT_IDS)
+def test_early_talker_is_rejected_and_blocklisted(bot, sink, make_guard, workdir):
+    guard = make_guard(upstream=sink.addr, **SLOW_GREET)
+    msg = make_message()
+
+    client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    bot(client, msg)
+    seen = client.read_until_closed(timeout=5)
+
+    assert re.search(rb"(?m)^554 5\.7\.1 ", seen), seen
+    assert b"sink.example.test" not in seen, "the upstream banner must never reach an early talker"
+    pregreet = guard.wait_log(r"PREGREET (\d+) after (\d+\.\d+) from \[127\.0\.0\.2\]:(\d+): (.*)")[0]
+    assert int(pregreet.group(3)) == client.local_port
+    assert pregreet.group(4).startswith(r"EHLO bot.example.test\r\n"), pregreet.group(0)
+    if bot is not bot_whole_transaction:
+        assert int(pregreet.group(1)) == len(EHLO)
+    verdict = guard.wait_verdict("127.0.0.2")
+    assert (verdict["verdict"], verdict["test"]) == ("reject", "pregreet")
+
+    # The bot comes back: refused at once, before any greeting.
+    again = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    reply = again.read_reply(timeout=3)
+    assert reply.code == 554 and reply.at < 0.5, reply
+    assert again.closed_within(3)
+    again.close()
+    guard.wait_log(r"verdict=\"?blocked", timeout=3)
+
+    # Another address is not affected.
+    good = make_message()
+    swaks("127.0.0.1", guard.port, good, source="127.0.0.3", workdir=workdir)
+    [stored] = sink.wait_messages(1)
+    assert stored.content == lf(good.data), "only the good client's mail reaches the MTA"
+    assert sink.connections() == ["127.0.0.1"], "the MTA saw exactly one connection: the good client's"
+    assert not any(c.startswith("EHLO bot") for c in sink.commands())
+
+    m = guard.metrics()
+    assert m['mxguard_detections_total{test="pregreet"}'] == 1
+    assert m['mxguard_connections_total{outcome="reject"}'] == 1
+    assert m['mxguard_connections_total{outcome="blocked"}'] == 1
+    assert m['mxguard_connections_total{outcome="pass"}'] == 1
+
+
+@pytest.mark.parametrize("bot", BOTS, ids=BOT_IDS)
+def test_observe_lets_early_talkers_through_and_logs_them(bot, sink, make_guard):
+    guard = make_guard(upstream=sink.addr, **{"pregreet.action": "observe"})
+    msg = make_message()
+
+    client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    bot(client, msg)
+    greeting = client.read_reply()
+    assert greeting.code == 220 and greeting.lines[-1] == b"220 sink.example.test ESMTP\r\n", greeting.lines
+    if bot is bot_whole_transaction:
+        seen = client.read_until_closed()
+        assert re.search(rb"(?m)^221 ", seen), seen
+    else:
+        assert client.read_reply().code == 250  # the early EHLO, forwarded after the greeting
+        assert client.command(f"MAIL FROM:<{msg.sender}>\r\n".encode()).code == 250
+        assert client.command(f"RCPT TO:<{msg.rcpt}>\r\n".encode()).code == 250
+        assert client.command(b"DATA\r\n").code == 354
+        assert client.command(msg.data.replace(b"\r\n.", b"\r\n..") + b".\r\n").code == 250
+        assert client.command(b"QUIT\r\n").code == 221
+    client.close()
+
+    [stored] = sink.wait_messages(1)
+    assert stored.content == lf(msg.data)
+    assert stored.helo == "bot.example.test"
+    guard.wait_log(r"PREGREET \d+ after \d+\.\d+ from \[127\.0\.0\.2\]:\d+: EHLO bot\.example\.test")
+    assert guard.wait_verdict("127.0.0.2")["verdict"] == "pass"
+    assert guard.metric("mxguard_detections_total", test="pregreet") == 1
+    assert guard.metric("mxguard_connections_total", outcome="reject") == 0
+
+    # observed, not blocklisted: the next connection gets the normal greeting
+    again = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    assert again.read_reply().lines[-1] == b"220 sink.example.test ESMTP\r\n"
+    again.command(b"QUIT\r\n")
+    again.close()
+
+
+def test_drop_closes_without_a_reply(sink, make_guard):
+    guard = make_guard(upstream=sink.addr, **{"pregreet.action": "drop"}, **SLOW_GREET)
+
+    client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    client.send(EHLO)
+    seen = client.read_until_closed(timeout=5)
+    client.close()
+
+    # at most our own challenge line went out before the bot spoke
+    assert seen in (b"", b"220-guard.example.test ESMTP mxguard\r\n") or re.fullmatch(
+        rb"220-guard\.example\.test ESMTP[^\r\n]*\r\n", seen), seen
+    assert guard.wait_verdict("127.0.0.2")["verdict"] == "drop"
+    assert guard.metric("mxguard_connections_total", outcome="drop") == 1
+    assert guard.metric("mxguard_detections_total", test="pregreet") == 1
+    time.sleep(1.5)
+    assert sink.connections() == []
+
+
+def test_eager_upstream_gets_a_polite_quit_and_none_of_the_bots_bytes(sink, make_guard):
+    guard = make_guard(upstream=sink.addr, **{"greet.delay": "1500ms", "greet.upstream_connect": "eager"})
+
+    client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    time.sleep(0.3)  # let the eager upstream connection come up
+    client.send(EHLO + b"MAIL FROM:<bot@bot.example>\r\n")
+    seen = client.read_until_closed(timeout=5)
+    client.close()
+
+    assert re.search(rb"(?m)^554 ", seen), seen
+    assert sink.connections() == ["127.0.0.1"]
+    deadline = time.monotonic() + 3
+    while "QUIT" not in sink.commands() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.commands() == ["QUIT"], "the MTA gets QUIT and nothing the bot sent"
+    assert guard.wait_verdict("127.0.0.2")["verdict"] == "reject"
+
+
+def test_blocklist_entry_expires_after_block_ttl(sink, make_guard):
+    guard = make_guard(upstream=sink.addr, **{"pregreet.block_ttl": "1s"})
+
+    bot = RawClient("127.0.0.1", guard.port, source="127.0.0.5")
+    bot.send(EHLO)
+    bot.read_until_closed()
+    bot.close()
+    refused = RawClient("127.0.0.1", guard.port, source="127.0.0.5")
+    assert refused.read_reply().code == 554
+    refused.close()
+
+    time.sleep(1.3)
+    back = RawClient("127.0.0.1", guard.port, source="127.0.0.5")
+    assert back.read_reply().lines[-1] == b"220 sink.example.test ESMTP\r\n"
+    back.command(b"QUIT\r\n")
+    back.close()
+
+
+def test_blocklist_is_per_address(sink, make_guard):
+    guard = make_guard(upstream=sink.addr)
+    for addr in ("127.0.0.2", "127.0.0.3"):
+        bot = RawClient("127.0.0.1", guard.port, source=addr)
+        bot.send(EHLO)
+        bot.read_until_closed()
+        bot.close()
+
+    for addr, expect in (("127.0.0.2", 554), ("127.0.0.3", 554), ("127.0.0.4", 220), ("127.0.0.5", 220)):
+        c = RawClient("127.0.0.1", guard.port, source=addr)
+        assert c.read_reply().code == expect, addr
+        c.close()
+    assert guard.metric("mxguard_connections_total", outcome="blocked") == 2
