@@ -735,6 +735,7 @@ def smtplib_send(host: str, port: int, msg: Message, source: str = "127.0.0.2", 
     """Deliver with Python's smtplib; returns the greeting and the refused dict."""
     with smtplib.SMTP(timeout=timeout, source_address=(source, 0)) as s:
         code, banner = s.connect(host, port)
+        s._host = host  # what starttls() sends as SNI; connect() alone leaves it empty
         assert code == 220, (code, banner)
         s.ehlo("smtplib.example.test")
         if starttls:
