@@ -8,12 +8,18 @@
 //! bytes and exact instants.
 #![forbid(unsafe_code)]
 
+pub mod body;
+pub mod command;
+pub mod ehlo;
 pub mod escape;
 pub mod greeting;
 pub mod line;
 pub mod pregreet;
 pub mod reply;
+pub mod tracker;
 
+pub use body::{BodyScanner, Smuggling, SmugglingPolicy};
+pub use command::Verb;
 pub use escape::escape_capped;
 pub use greeting::{
     blocked_reply, challenge_line, closing_reply, plan_greeting, pregreet_reject_reply,
@@ -22,3 +28,6 @@ pub use greeting::{
 pub use line::{find_line_end, LineEnd};
 pub use pregreet::{Pregreet, PregreetWatch};
 pub use reply::{Reply, ReplyError, ReplyReader};
+pub use tracker::{
+    Disposition, Envelope, Event, ReplyDelays, TrackerConfig, TurnTracker, Violation,
+};

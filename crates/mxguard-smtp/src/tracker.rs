@@ -1,0 +1,1451 @@
+//! The turn tracker: who may speak when, after the greeting.
+//!
+//! Sans-IO. The daemon feeds it what each side sent and when
+//! ([`TurnTracker::on_client`], [`TurnTracker::on_upstream`]); it says what
+//! to forward each way and when a held reply may be released
+//! ([`TurnTracker::upstream_output`], [`TurnTracker::client_output`],
+//! [`TurnTracker::poll_timeout`]), and what it noticed
+//! ([`TurnTracker::poll_event`]).
+//!
+//! A real MTA waits for each reply it needs; a bot fires and forgets. So:
+//! - a command that arrives while the reply to a command that must end a
+//!   pipeline group (RFC 2920 §3.1) is held back or not yet received is a
+//!   pipelining violation; without PIPELINING offered, every command must
+//!   wait for its reply;
+//! - body bytes before the client saw `354` are data before the reply;
+//! - bytes after `STARTTLS` before its `220` are an injection attempt
+//!   (CVE-2011-0411 and kin) and are discarded;
+//! - HTTP, a TLS ClientHello, bare LF, over-long lines and unknown verbs are
+//!   noted; SMTP smuggling look-alikes in a body are refused or normalised
+//!   ([`crate::body`]).
+//!
+//! Bytes the client sends while the tracker waits for a reply that decides
+//! how to read them (354 or not, 334 or not) are held, bounded, and read
+//! once the reply is in: the guard and the MTA then always agree on what is
+//! a command and what is mail.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::body::{BodyScanner, Smuggling, SmugglingPolicy};
+use crate::command::{envelope_address, foreign, parse_bdat, Foreign, Verb};
+use crate::ehlo::{edit_ehlo_reply, EhloEdit, Offered};
+use crate::escape::escape_capped;
+use crate::reply::{ReplyError, ReplyReader};
+
+/// How long to hold the upstream's reply to each kind of command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyDelays {
+    pub ehlo: Duration,
+    pub helo: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    /// The `354` to DATA.
+    pub data: Duration,
+    /// The reply to the end of a message.
+    pub end_of_data: Duration,
+    pub other: Duration,
+}
+
+impl ReplyDelays {
+    fn for_turn(&self, turn: Turn) -> Duration {
+        match turn {
+            Turn::Command(Verb::Ehlo | Verb::Lhlo) => self.ehlo,
+            Turn::Command(Verb::Helo) => self.helo,
+            Turn::Command(Verb::Mail) => self.mail,
+            Turn::Command(Verb::Rcpt) => self.rcpt,
+            Turn::Command(Verb::Data) => self.data,
+            Turn::EndOfData | Turn::Chunk { last: true } => self.end_of_data,
+            _ => self.other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerConfig {
+    /// Hide PIPELINING from the client: then any pipelining is a violation.
+    pub strip_pipelining: bool,
+    /// Longest command line before it counts as over-long.
+    pub max_command_line: usize,
+    /// Unknown verbs tolerated before it counts.
+    pub unknown_command_limit: u32,
+    pub smuggling: SmugglingPolicy,
+    pub delays: ReplyDelays,
+    /// Client bytes held while waiting for a reply; past this the daemon
+    /// stops reading the client.
+    pub max_held: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            strip_pipelining: false,
+            max_command_line: 2048,
+            unknown_command_limit: 3,
+            smuggling: SmugglingPolicy::Reject,
+            delays: ReplyDelays::default(),
+            max_held: 64 * 1024,
+        }
+    }
+}
+
+/// What happens to the mail of this session.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Disposition {
+    /// Relay as it is.
+    #[default]
+    Pass,
+    /// Insert this header line (with its CRLF) at the top of each message.
+    Tag(Vec<u8>),
+    /// Keep each message away from the MTA: the caller stores it.
+    Quarantine,
+    /// Keep each message away from the MTA: the caller drops it.
+    Discard,
+}
+
+impl Disposition {
+    fn diverts(&self) -> bool {
+        matches!(self, Disposition::Quarantine | Disposition::Discard)
+    }
+
+    /// TLS or BDAT would take the mail out of our hands.
+    fn needs_sight(&self) -> bool {
+        !matches!(self, Disposition::Pass)
+    }
+}
+
+/// Something the client did that a test looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// A command sent before the reply it had to wait for.
+    Pipelining { verb: Verb, waiting_for: Verb },
+    /// Message bytes sent before the client saw `354`.
+    DataBeforeReply,
+    /// An HTTP request or header.
+    NonSmtp { first_bytes: String },
+    /// A TLS ClientHello on the plaintext port.
+    TlsHandshake,
+    /// A command line ended with a bare LF.
+    BareLf,
+    /// A command line longer than the limit.
+    LongLine { len: usize },
+    /// Too many unknown verbs.
+    UnknownCommands { count: u32 },
+    /// A dot line with a non-standard line break in a message body.
+    Smuggling(Smuggling),
+    /// Bytes sent after STARTTLS before its reply; discarded.
+    StartTlsInjection { bytes: usize },
+}
+
+impl Violation {
+    /// The test's name, for logs and metric labels (a closed set).
+    pub fn test(&self) -> &'static str {
+        match self {
+            Violation::Pipelining { .. } => "pipelining",
+            Violation::DataBeforeReply => "early-data",
+            Violation::NonSmtp { .. } => "non-smtp",
+            Violation::TlsHandshake => "tls-on-plaintext",
+            Violation::BareLf => "bare-lf",
+            Violation::LongLine { .. } => "long-line",
+            Violation::UnknownCommands { .. } => "unknown-commands",
+            Violation::Smuggling(_) => "smuggling",
+            Violation::StartTlsInjection { .. } => "starttls-injection",
+        }
+    }
+
+    pub const TESTS: [&'static str; 9] = [
+        "pipelining",
+        "early-data",
+        "non-smtp",
+        "tls-on-plaintext",
+        "bare-lf",
+        "long-line",
+        "unknown-commands",
+        "smuggling",
+        "starttls-injection",
+    ];
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::Pipelining { verb, waiting_for } => write!(
+                f,
+                "{} sent before the reply to {}",
+                verb.as_str(),
+                waiting_for.as_str()
+            ),
+            Violation::DataBeforeReply => f.write_str("message data sent before 354"),
+            Violation::NonSmtp { first_bytes } => write!(f, "non-SMTP command: {first_bytes}"),
+            Violation::TlsHandshake => f.write_str("TLS handshake on the plaintext port"),
+            Violation::BareLf => f.write_str("command line ended with a bare LF"),
+            Violation::LongLine { len } => write!(f, "command line of {len}+ bytes"),
+            Violation::UnknownCommands { count } => write!(f, "{count} unknown commands"),
+            Violation::Smuggling(seq) => write!(f, "end-of-data look-alike {seq} in a message"),
+            Violation::StartTlsInjection { bytes } => {
+                write!(f, "{bytes} bytes pipelined after STARTTLS (discarded)")
+            }
+        }
+    }
+}
+
+/// What the tracker tells the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Violation(Violation),
+    /// The client started a command `gap` after the last byte of our last
+    /// reply (for the timing classifier).
+    Turn {
+        verb: Verb,
+        gap: Duration,
+    },
+    /// AUTH succeeded (`235`).
+    Authenticated,
+    /// A message is being diverted (quarantine/discard): its content comes
+    /// through [`TurnTracker::take_diverted`].
+    DivertStarted,
+    /// The diverted message is complete: store it, then call
+    /// [`TurnTracker::divert_done`].
+    DivertFinished,
+    /// STARTTLS was accepted and its `220` delivered: the stream is TLS from
+    /// here on; relay it blind.
+    Blind,
+}
+
+/// The transaction as far as the guard saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    pub helo: Option<String>,
+    pub mail_from: Option<String>,
+    /// Recipients the MTA accepted.
+    pub rcpt_to: Vec<String>,
+}
+
+/// One step of the conversation that is owed a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Command(Verb),
+    /// The end of a DATA body.
+    EndOfData,
+    /// A BDAT chunk.
+    Chunk {
+        last: bool,
+    },
+    /// A SASL response line during AUTH.
+    SaslResponse,
+    /// Our own RSET after a diverted message: its reply is not the client's.
+    InternalRset,
+}
+
+impl Turn {
+    fn ends_group(self) -> bool {
+        match self {
+            Turn::Command(v) => v.ends_group(),
+            Turn::EndOfData | Turn::Chunk { .. } | Turn::InternalRset => false,
+            Turn::SaslResponse => true,
+        }
+    }
+
+    fn verb(self) -> Verb {
+        match self {
+            Turn::Command(v) => v,
+            Turn::EndOfData => Verb::Data,
+            Turn::Chunk { .. } => Verb::Bdat,
+            Turn::SaslResponse | Turn::InternalRset => Verb::Auth,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    turn: Turn,
+    /// The recipient of a RCPT, to remember if accepted.
+    rcpt: Option<String>,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    sent: usize,
+    release_at: Instant,
+    turn: Turn,
+    /// The stream turns to TLS once this reply is out.
+    then_blind: bool,
+}
+
+/// How client bytes are read right now.
+#[derive(Debug)]
+enum ClientState {
+    /// Command lines.
+    Command,
+    /// Waiting for the reply to this turn before the next bytes can be read
+    /// (354 or not; 334 or not; our own decision to divert).
+    AwaitReply(Turn),
+    /// After STARTTLS: anything before the 220 is injected and dropped.
+    AwaitTls,
+    /// One SASL response line, then back to waiting for the AUTH reply.
+    SaslLine,
+    /// A DATA body.
+    Body(Box<BodyScanner>),
+    /// A BDAT chunk with this many octets to go.
+    Chunk { remaining: u64, last: bool },
+    /// A diverted message is complete; waiting for the caller to store it.
+    AwaitDivert,
+    /// TLS: nothing more to read here.
+    Blind,
+    /// A smuggled message was refused: nothing more is read.
+    Stopped,
+}
+
+/// Follows one session after its greeting. See the module docs.
+#[derive(Debug)]
+pub struct TurnTracker {
+    cfg: TrackerConfig,
+    client: ClientState,
+    /// The current command line (bounded).
+    line: Vec<u8>,
+    /// The current line went past the limit: the rest of it is passed on.
+    line_overflow: bool,
+    held: Vec<u8>,
+    replies: ReplyReader,
+    pending: VecDeque<Pending>,
+    out_client: VecDeque<Outgoing>,
+    to_upstream: Vec<u8>,
+    upstream_sent: usize,
+    diverted: Vec<u8>,
+    /// The current message is being diverted.
+    diverting: bool,
+    /// The current message already got its tag header.
+    tagged: bool,
+    offered: Offered,
+    disposition: Disposition,
+    tarpit: Duration,
+    envelope: Envelope,
+    unknown: u32,
+    /// When the last byte of our last reply went out.
+    last_reply_at: Instant,
+    last_release: Instant,
+    events: VecDeque<Event>,
+    /// Violations reported once per session each.
+    reported: u16,
+    blind: bool,
+}
+
+impl TurnTracker {
+    /// Starts tracking right after the final greeting line went out at
+    /// `now`.
+    pub fn new(cfg: TrackerConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            client: ClientState::Command,
+            line: Vec::new(),
+            line_overflow: false,
+            held: Vec::new(),
+            replies: ReplyReader::new(64 * 1024),
+            pending: VecDeque::new(),
+            out_client: VecDeque::new(),
+            to_upstream: Vec::new(),
+            upstream_sent: 0,
+            diverted: Vec::new(),
+            diverting: false,
+            tagged: false,
+            offered: Offered::default(),
+            disposition: Disposition::Pass,
+            tarpit: Duration::ZERO,
+            envelope: Envelope::default(),
+            unknown: 0,
+            last_reply_at: now,
+            last_release: now,
+            events: VecDeque::new(),
+            reported: 0,
+            blind: false,
+        }
+    }
+
+    pub fn set_disposition(&mut self, disposition: Disposition) {
+        self.disposition = disposition;
+    }
+
+    pub fn disposition(&self) -> &Disposition {
+        &self.disposition
+    }
+
+    /// Slows every reply from now on by `extra` (tarpit).
+    pub fn set_tarpit(&mut self, extra: Duration) {
+        self.tarpit = extra;
+    }
+
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// What the client was offered in the last EHLO reply it got.
+    pub fn offered(&self) -> Offered {
+        self.offered
+    }
+
+    /// The stream is TLS now; relay it blind.
+    pub fn is_blind(&self) -> bool {
+        self.blind
+    }
+
+    /// Nothing is owed either way: no reply pending or held, no bytes
+    /// waiting to be written.
+    pub fn is_quiet(&self) -> bool {
+        self.pending.is_empty()
+            && self.out_client.is_empty()
+            && self.upstream_output().is_empty()
+            && self.held.is_empty()
+    }
+
+    /// Whether the daemon should read more from the client.
+    pub fn wants_client_input(&self) -> bool {
+        !matches!(self.client, ClientState::Blind | ClientState::Stopped)
+            && self.held.len() < self.cfg.max_held
+            && self.upstream_output().len() < self.cfg.max_held * 4
+    }
+
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Bytes to write to the upstream.
+    pub fn upstream_output(&self) -> &[u8] {
+        &self.to_upstream[self.upstream_sent..]
+    }
+
+    /// `n` bytes of [`upstream_output`](Self::upstream_output) were written.
+    pub fn upstream_written(&mut self, n: usize) {
+        self.upstream_sent += n;
+        debug_assert!(self.upstream_sent <= self.to_upstream.len());
+        if self.upstream_sent >= self.to_upstream.len() {
+            self.to_upstream.clear();
+            self.upstream_sent = 0;
+        }
+    }
+
+    /// The reply bytes that may go to the client at `now`, if any.
+    pub fn client_output(&self, now: Instant) -> Option<&[u8]> {
+        let first = self.out_client.front()?;
+        (first.release_at <= now).then(|| &first.bytes[first.sent..])
+    }
+
+    /// `n` bytes of [`client_output`](Self::client_output) were written at
+    /// `now`.
+    pub fn client_written(&mut self, now: Instant, n: usize) {
+        let Some(first) = self.out_client.front_mut() else {
+            return;
+        };
+        first.sent += n;
+        debug_assert!(first.sent <= first.bytes.len());
+        if first.sent < first.bytes.len() {
+            return;
+        }
+        self.last_reply_at = now;
+        if let Some(done) = self.out_client.pop_front() {
+            if done.then_blind {
+                self.blind = true;
+                self.client = ClientState::Blind;
+                self.events.push_back(Event::Blind);
+            }
+        }
+    }
+
+    /// When a held reply becomes due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.out_client.front().map(|o| o.release_at)
+    }
+
+    /// Content of a diverted message so far (unstuffed, CRLF lines).
+    pub fn take_diverted(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.diverted)
+    }
+
+    /// The caller stored (or dropped) the diverted message; `reply` is what
+    /// the client gets for it (`250 ...`, or a `4xx` if storing failed).
+    /// The MTA gets `RSET` so its transaction is cleared.
+    pub fn divert_done(&mut self, now: Instant, reply: Vec<u8>) {
+        if !matches!(self.client, ClientState::AwaitDivert) {
+            return;
+        }
+        self.diverting = false;
+        self.to_upstream.extend_from_slice(b"RSET\r\n");
+        self.pending.push_back(Pending {
+            turn: Turn::InternalRset,
+            rcpt: None,
+        });
+        self.queue_reply(now, reply, Turn::EndOfData, false);
+        self.envelope.mail_from = None;
+        self.envelope.rcpt_to.clear();
+        self.tagged = false;
+        self.client = ClientState::Command;
+        self.resume(now);
+    }
+
+    /// Client bytes arrived at `now`.
+    pub fn on_client(&mut self, now: Instant, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.process(now, data);
+    }
+
+    /// Bytes that came while the reply to `turn` was awaited.
+    fn early_bytes(&mut self, turn: Turn, data: &[u8]) {
+        match turn {
+            Turn::Command(Verb::Data) => self.violation(Violation::DataBeforeReply),
+            turn if turn.ends_group() => {
+                let verb = Verb::parse(data);
+                self.violation(Violation::Pipelining {
+                    verb,
+                    waiting_for: turn.verb(),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads client bytes in the current state until they run out or the
+    /// state says to hold them.
+    fn process(&mut self, now: Instant, mut data: &[u8]) {
+        while !data.is_empty() {
+            let used = match &mut self.client {
+                ClientState::Command | ClientState::SaslLine => self.command_bytes(now, data),
+                ClientState::Body(_) => self.body_bytes(data),
+                ClientState::Chunk { .. } => self.chunk_bytes(data),
+                ClientState::AwaitReply(_) | ClientState::AwaitDivert => {
+                    if self.held.is_empty() {
+                        let turn = match &self.client {
+                            ClientState::AwaitReply(turn) => *turn,
+                            _ => Turn::EndOfData,
+                        };
+                        self.early_bytes(turn, data);
+                    }
+                    self.held.extend_from_slice(data);
+                    data.len()
+                }
+                ClientState::AwaitTls => {
+                    self.violation(Violation::StartTlsInjection { bytes: data.len() });
+                    data.len()
+                }
+                ClientState::Blind | ClientState::Stopped => data.len(),
+            };
+            data = &data[used..];
+        }
+    }
+
+    /// Reads (part of) a command line; returns bytes used.
+    fn command_bytes(&mut self, now: Instant, data: &[u8]) -> usize {
+        if self.line.is_empty() && !self.line_overflow {
+            self.turn_starts(now, data);
+        }
+        let (take, complete) = match memchr::memchr(b'\n', data) {
+            Some(lf) => (lf + 1, true),
+            None => (data.len(), false),
+        };
+        if self.line_overflow {
+            // Past the limit: pass the rest of the line on untouched, the
+            // MTA answers it (and the test already fired).
+            self.to_upstream.extend_from_slice(&data[..take]);
+            if complete {
+                self.line_overflow = false;
+                self.pending.push_back(Pending {
+                    turn: Turn::Command(Verb::Unknown),
+                    rcpt: None,
+                });
+            }
+            return take;
+        }
+        self.line.extend_from_slice(&data[..take]);
+        if !complete {
+            if self.line.len() > self.cfg.max_command_line {
+                self.violation(Violation::LongLine {
+                    len: self.line.len(),
+                });
+                self.to_upstream.append(&mut self.line);
+                self.line_overflow = true;
+            }
+            return take;
+        }
+        if self.line.len() > self.cfg.max_command_line {
+            self.violation(Violation::LongLine {
+                len: self.line.len(),
+            });
+        }
+        let line = std::mem::take(&mut self.line);
+        self.command(now, line);
+        take
+    }
+
+    /// The first byte of a command arrived: is it its turn?
+    fn turn_starts(&mut self, now: Instant, data: &[u8]) {
+        if let Some(kind) = foreign(data) {
+            match kind {
+                Foreign::Http => self.violation(Violation::NonSmtp {
+                    first_bytes: escape_capped(data, 64),
+                }),
+                Foreign::TlsHandshake => self.violation(Violation::TlsHandshake),
+            }
+        }
+        let sasl = matches!(self.client, ClientState::SaslLine);
+        let verb = if sasl { Verb::Auth } else { Verb::parse(data) };
+        if let Some(waiting_for) = self.waiting_for() {
+            self.violation(Violation::Pipelining { verb, waiting_for });
+        }
+        if sasl {
+            return;
+        }
+        self.events.push_back(Event::Turn {
+            verb,
+            gap: now.saturating_duration_since(self.last_reply_at),
+        });
+    }
+
+    /// The unanswered step the client should have waited for, if any: a
+    /// group-ender, or any step when PIPELINING was not offered.
+    fn waiting_for(&self) -> Option<Verb> {
+        let strict = !self.offered.pipelining;
+        let owed = |turn: Turn| turn != Turn::InternalRset && (strict || turn.ends_group());
+        self.pending
+            .iter()
+            .map(|p| p.turn)
+            .chain(self.out_client.iter().map(|o| o.turn))
+            .find(|t| owed(*t))
+            .map(Turn::verb)
+    }
+
+    /// A whole command line.
+    fn command(&mut self, now: Instant, line: Vec<u8>) {
+        if matches!(self.client, ClientState::SaslLine) {
+            self.to_upstream.extend_from_slice(&line);
+            self.pending.push_back(Pending {
+                turn: Turn::SaslResponse,
+                rcpt: None,
+            });
+            self.client = ClientState::AwaitReply(Turn::Command(Verb::Auth));
+            return;
+        }
+        if !line.ends_with(b"\r\n") {
+            self.violation(Violation::BareLf);
+        }
+        let verb = Verb::parse(&line);
+        if verb == Verb::Unknown {
+            self.unknown += 1;
+            if self.unknown == self.cfg.unknown_command_limit.max(1) {
+                self.violation(Violation::UnknownCommands {
+                    count: self.unknown,
+                });
+            }
+        }
+        let mut rcpt = None;
+        match verb {
+            Verb::Ehlo | Verb::Helo | Verb::Lhlo => {
+                let name = line.get(5..).unwrap_or_default();
+                self.envelope = Envelope {
+                    helo: Some(String::from_utf8_lossy(name).trim().to_string()),
+                    ..Envelope::default()
+                };
+                self.tagged = false;
+            }
+            Verb::Mail => {
+                self.envelope.mail_from = envelope_address(&line);
+                self.envelope.rcpt_to.clear();
+                self.tagged = false;
+            }
+            Verb::Rcpt => rcpt = envelope_address(&line),
+            Verb::Rset => {
+                self.envelope.mail_from = None;
+                self.envelope.rcpt_to.clear();
+                self.tagged = false;
+            }
+            Verb::StartTls if self.disposition.needs_sight() => {
+                // A suspect session must stay in sight: no TLS.
+                self.queue_reply(
+                    now,
+                    b"454 4.7.0 TLS not available\r\n".to_vec(),
+                    Turn::Command(verb),
+                    false,
+                );
+                return;
+            }
+            Verb::Data if self.disposition.diverts() => {
+                self.client = ClientState::AwaitReply(Turn::Command(Verb::Data));
+                self.diverting = true;
+                self.try_divert(now);
+                return;
+            }
+            Verb::Bdat => {
+                self.bdat(now, line);
+                return;
+            }
+            _ => {}
+        }
+        self.to_upstream.extend_from_slice(&line);
+        self.pending.push_back(Pending {
+            turn: Turn::Command(verb),
+            rcpt,
+        });
+        match verb {
+            Verb::Data => self.client = ClientState::AwaitReply(Turn::Command(Verb::Data)),
+            Verb::Auth => self.client = ClientState::AwaitReply(Turn::Command(Verb::Auth)),
+            Verb::StartTls => self.client = ClientState::AwaitTls,
+            _ => {}
+        }
+    }
+
+    /// DATA in a diverting session: once every earlier reply is in, either
+    /// take the message ourselves (some recipient was accepted) or let the
+    /// MTA refuse the DATA.
+    fn try_divert(&mut self, now: Instant) {
+        if self.pending.iter().any(|p| p.turn != Turn::InternalRset) {
+            return;
+        }
+        if self.envelope.rcpt_to.is_empty() {
+            self.diverting = false;
+            self.to_upstream.extend_from_slice(b"DATA\r\n");
+            self.pending.push_back(Pending {
+                turn: Turn::Command(Verb::Data),
+                rcpt: None,
+            });
+            return;
+        }
+        self.queue_reply(
+            now,
+            b"354 End data with <CR><LF>.<CR><LF>\r\n".to_vec(),
+            Turn::Command(Verb::Data),
+            false,
+        );
+        self.events.push_back(Event::DivertStarted);
+        self.client = ClientState::Body(Box::new(BodyScanner::new(self.cfg.smuggling)));
+        self.resume(now);
+    }
+
+    /// `BDAT n [LAST]`: forwarded (with the tag header added to the first
+    /// chunk when tagging), or diverted.
+    fn bdat(&mut self, now: Instant, line: Vec<u8>) {
+        let Some((size, last)) = parse_bdat(&line) else {
+            // Malformed: the MTA answers it; nothing follows it.
+            self.to_upstream.extend_from_slice(&line);
+            self.pending.push_back(Pending {
+                turn: Turn::Command(Verb::Bdat),
+                rcpt: None,
+            });
+            return;
+        };
+        if self.disposition.diverts() {
+            if !self.diverting {
+                if self.envelope.rcpt_to.is_empty()
+                    && self.pending.iter().all(|p| p.turn == Turn::InternalRset)
+                {
+                    // Nobody to deliver to: let the MTA say so.
+                    self.forward_chunk_command(&line, last);
+                    self.client = ClientState::Chunk {
+                        remaining: size,
+                        last,
+                    };
+                    return;
+                }
+                self.diverting = true;
+                self.events.push_back(Event::DivertStarted);
+            }
+            if !last {
+                self.queue_reply(
+                    now,
+                    format!("250 2.0.0 {size} octets received\r\n").into_bytes(),
+                    Turn::Chunk { last },
+                    false,
+                );
+            }
+            self.client = ClientState::Chunk {
+                remaining: size,
+                last,
+            };
+            if size == 0 && last {
+                self.events.push_back(Event::DivertFinished);
+                self.client = ClientState::AwaitDivert;
+            }
+            return;
+        }
+        if let Disposition::Tag(header) = &self.disposition {
+            if !self.tagged {
+                self.tagged = true;
+                let header = header.clone();
+                let rewritten = format!(
+                    "BDAT {}{}\r\n",
+                    size + header.len() as u64,
+                    if last { " LAST" } else { "" }
+                );
+                self.forward_chunk_command(rewritten.as_bytes(), last);
+                self.to_upstream.extend_from_slice(&header);
+                self.client = ClientState::Chunk {
+                    remaining: size,
+                    last,
+                };
+                return;
+            }
+        }
+        self.forward_chunk_command(&line, last);
+        self.client = ClientState::Chunk {
+            remaining: size,
+            last,
+        };
+    }
+
+    fn forward_chunk_command(&mut self, line: &[u8], last: bool) {
+        self.to_upstream.extend_from_slice(line);
+        self.pending.push_back(Pending {
+            turn: Turn::Chunk { last },
+            rcpt: None,
+        });
+    }
+
+    fn chunk_bytes(&mut self, data: &[u8]) -> usize {
+        let ClientState::Chunk { remaining, last } = &mut self.client else {
+            return 0;
+        };
+        let take = data
+            .len()
+            .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+        *remaining -= take as u64;
+        let (done, last) = (*remaining == 0, *last);
+        if self.diverting {
+            self.diverted.extend_from_slice(&data[..take]);
+        } else {
+            self.to_upstream.extend_from_slice(&data[..take]);
+        }
+        if done {
+            if self.diverting && last {
+                self.events.push_back(Event::DivertFinished);
+                self.client = ClientState::AwaitDivert;
+            } else {
+                if last {
+                    self.tagged = false;
+                }
+                self.client = ClientState::Command;
+            }
+        }
+        take
+    }
+
+    fn body_bytes(&mut self, data: &[u8]) -> usize {
+        let ClientState::Body(scanner) = &mut self.client else {
+            return 0;
+        };
+        let diverting = self.diverting;
+        let scan = if diverting {
+            let mut discard = Vec::new();
+            scanner.feed(data, &mut discard, Some(&mut self.diverted))
+        } else {
+            scanner.feed(data, &mut self.to_upstream, None)
+        };
+        if let Some(seq) = scan.smuggling {
+            self.violation(Violation::Smuggling(seq));
+            if self.cfg.smuggling == SmugglingPolicy::Reject {
+                self.client = ClientState::Stopped;
+                return data.len();
+            }
+        }
+        if scan.ended {
+            if diverting {
+                self.events.push_back(Event::DivertFinished);
+                self.client = ClientState::AwaitDivert;
+            } else {
+                self.pending.push_back(Pending {
+                    turn: Turn::EndOfData,
+                    rcpt: None,
+                });
+                self.tagged = false;
+                self.client = ClientState::Command;
+            }
+        }
+        scan.consumed
+    }
+
+    /// Upstream bytes arrived at `now`. An error means the upstream does not
+    /// speak SMTP: the caller ends the session with a tempfail.
+    pub fn on_upstream(&mut self, now: Instant, data: &[u8]) -> Result<(), ReplyError> {
+        let mut input = data;
+        loop {
+            let Some(reply) = self.replies.push(input)? else {
+                return Ok(());
+            };
+            input = &[];
+            self.reply(now, reply.code, reply.raw);
+        }
+    }
+
+    fn reply(&mut self, now: Instant, code: u16, raw: Vec<u8>) {
+        let Some(pending) = self.pending.pop_front() else {
+            // Unsolicited (a 421 before closing): pass it on.
+            self.queue_reply(now, raw, Turn::Command(Verb::Quit), false);
+            return;
+        };
+        let positive = (200..400).contains(&code);
+        let mut bytes = raw;
+        let mut then_blind = false;
+        match pending.turn {
+            Turn::InternalRset => {
+                // Our RSET after a diverted message: not the client's.
+                return;
+            }
+            Turn::Command(Verb::Ehlo | Verb::Lhlo) if code == 250 => {
+                let edit = EhloEdit {
+                    pipelining: self.cfg.strip_pipelining,
+                    starttls: self.disposition.needs_sight(),
+                    chunking: self.disposition.needs_sight(),
+                };
+                let (edited, offered) = edit_ehlo_reply(&bytes, edit);
+                bytes = edited;
+                self.offered = offered;
+            }
+            Turn::Command(Verb::Helo) if code == 250 => self.offered = Offered::default(),
+            Turn::Command(Verb::Rcpt) if positive => {
+                if let Some(rcpt) = pending.rcpt {
+                    self.envelope.rcpt_to.push(rcpt);
+                }
+            }
+            Turn::Command(Verb::StartTls) => {
+                if code == 220 {
+                    then_blind = true;
+                } else {
+                    self.client = ClientState::Command;
+                }
+            }
+            Turn::Command(Verb::Data) => {
+                if code == 354 {
+                    let mut scanner = BodyScanner::new(self.cfg.smuggling);
+                    if let Disposition::Tag(header) = &self.disposition {
+                        if !self.tagged {
+                            self.tagged = true;
+                            // The header is a line of its own at the very top:
+                            // no dot-stuffing needed (it starts with `X`).
+                            let mut wire = Vec::new();
+                            let _ = scanner.feed(header, &mut wire, None);
+                            self.to_upstream.extend_from_slice(&wire);
+                        }
+                    }
+                    self.client = ClientState::Body(Box::new(scanner));
+                } else {
+                    self.client = ClientState::Command;
+                }
+            }
+            Turn::Command(Verb::Auth) | Turn::SaslResponse => {
+                if code == 334 {
+                    self.client = ClientState::SaslLine;
+                } else {
+                    if code == 235 {
+                        self.events.push_back(Event::Authenticated);
+                    }
+                    self.client = ClientState::Command;
+                }
+            }
+            _ => {}
+        }
+        self.queue_reply(now, bytes, pending.turn, then_blind);
+        self.resume(now);
+    }
+
+    /// Reads held client bytes if the state allows it now.
+    fn resume(&mut self, now: Instant) {
+        if matches!(
+            self.client,
+            ClientState::AwaitReply(Turn::Command(Verb::Data))
+        ) && self.diverting
+        {
+            self.try_divert(now);
+            return;
+        }
+        if matches!(
+            self.client,
+            ClientState::AwaitReply(_) | ClientState::AwaitDivert
+        ) || self.held.is_empty()
+        {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        self.process(now, &held);
+    }
+
+    fn queue_reply(&mut self, now: Instant, bytes: Vec<u8>, turn: Turn, then_blind: bool) {
+        let delay = self.cfg.delays.for_turn(turn) + self.tarpit;
+        // A later reply never overtakes an earlier held one.
+        let release_at = (now + delay).max(self.last_release);
+        self.last_release = release_at;
+        self.out_client.push_back(Outgoing {
+            bytes,
+            sent: 0,
+            release_at,
+            turn,
+            then_blind,
+        });
+    }
+
+    /// Reports each kind of violation once per session.
+    fn violation(&mut self, v: Violation) {
+        let bit = Violation::TESTS
+            .iter()
+            .position(|t| *t == v.test())
+            .map_or(0, |i| 1u16 << i);
+        if self.reported & bit != 0 {
+            return;
+        }
+        self.reported |= bit;
+        self.events.push_back(Event::Violation(v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EHLO_REPLY: &[u8] =
+        b"250-mx.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-CHUNKING\r\n250 8BITMIME\r\n";
+
+    /// A client, the tracker and an MTA, on a fake clock.
+    struct Sim {
+        t: TurnTracker,
+        now: Instant,
+        /// Everything the MTA received.
+        mta: Vec<u8>,
+        /// Everything the client received.
+        client: Vec<u8>,
+        events: Vec<Event>,
+    }
+
+    impl Sim {
+        fn new(cfg: TrackerConfig) -> Self {
+            let now = Instant::now();
+            Self {
+                t: TurnTracker::new(cfg, now),
+                now,
+                mta: Vec::new(),
+                client: Vec::new(),
+                events: Vec::new(),
+            }
+        }
+
+        fn after(&mut self, ms: u64) -> &mut Self {
+            self.now += Duration::from_millis(ms);
+            self.flush();
+            self
+        }
+
+        fn flush(&mut self) {
+            let up = self.t.upstream_output().to_vec();
+            self.t.upstream_written(up.len());
+            self.mta.extend_from_slice(&up);
+            while let Some(out) = self.t.client_output(self.now) {
+                let out = out.to_vec();
+                self.t.client_written(self.now, out.len());
+                self.client.extend_from_slice(&out);
+            }
+            while let Some(e) = self.t.poll_event() {
+                self.events.push(e);
+            }
+        }
+
+        fn client_sends(&mut self, bytes: &[u8]) -> &mut Self {
+            self.t.on_client(self.now, bytes);
+            self.flush();
+            self
+        }
+
+        fn mta_says(&mut self, bytes: &[u8]) -> &mut Self {
+            self.t.on_upstream(self.now, bytes).unwrap();
+            self.flush();
+            self
+        }
+
+        fn violations(&self) -> Vec<&'static str> {
+            self.events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Violation(v) => Some(v.test()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn take_mta(&mut self) -> Vec<u8> {
+            std::mem::take(&mut self.mta)
+        }
+
+        fn take_client(&mut self) -> Vec<u8> {
+            std::mem::take(&mut self.client)
+        }
+
+        /// EHLO and its reply, the polite way.
+        fn ehlo(&mut self) -> &mut Self {
+            self.client_sends(b"EHLO client.example\r\n")
+                .mta_says(EHLO_REPLY);
+            self.take_mta();
+            self.take_client();
+            self
+        }
+    }
+
+    #[test]
+    fn legal_pipelining_passes_without_a_violation_and_bytes_are_untouched() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        let group = b"MAIL FROM:<a@client.example>\r\nRCPT TO:<b@mx.example>\r\nRCPT TO:<c@mx.example>\r\nDATA\r\n";
+        s.client_sends(group);
+        assert_eq!(s.take_mta(), group);
+        s.mta_says(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n354 go\r\n");
+        assert_eq!(
+            s.take_client(),
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n354 go\r\n"
+        );
+        let body = b"Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n";
+        s.client_sends(body);
+        assert_eq!(s.take_mta(), body);
+        assert!(s.violations().is_empty(), "{:?}", s.events);
+        assert_eq!(s.t.envelope().rcpt_to, vec!["b@mx.example".to_string()]);
+        assert_eq!(
+            s.t.envelope().mail_from.as_deref(),
+            Some("a@client.example")
+        );
+    }
+
+    #[test]
+    fn without_pipelining_offered_every_command_must_wait() {
+        let mut s = Sim::new(TrackerConfig {
+            strip_pipelining: true,
+            ..TrackerConfig::default()
+        });
+        s.ehlo();
+        assert!(!s.t.offered().pipelining);
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+        assert_eq!(s.violations(), ["pipelining"]);
+    }
+
+    #[test]
+    fn the_client_sees_no_pipelining_when_it_is_stripped() {
+        let mut s = Sim::new(TrackerConfig {
+            strip_pipelining: true,
+            ..TrackerConfig::default()
+        });
+        s.client_sends(b"EHLO x\r\n").mta_says(EHLO_REPLY);
+        assert_eq!(
+            s.take_client(),
+            b"250-mx.example\r\n250-STARTTLS\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+        );
+    }
+
+    #[test]
+    fn a_bot_firing_a_whole_transaction_is_caught() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"EHLO bot\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nspam\r\n.\r\n");
+        assert_eq!(s.violations(), ["pipelining", "early-data"]);
+        match &s.events[1] {
+            Event::Violation(Violation::Pipelining { verb, waiting_for }) => {
+                assert_eq!((*verb, *waiting_for), (Verb::Mail, Verb::Ehlo));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_before_354_is_held_then_read_by_the_reply() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n");
+        s.take_mta();
+        s.client_sends(b"DATA\r\nSubject: early\r\n\r\nx\r\n.\r\n");
+        assert_eq!(s.violations(), ["early-data"]);
+        // Only DATA went on: the rest waits for the MTA's answer.
+        assert_eq!(s.take_mta(), b"DATA\r\n");
+        s.mta_says(b"354 go\r\n");
+        assert_eq!(s.take_mta(), b"Subject: early\r\n\r\nx\r\n.\r\n");
+    }
+
+    #[test]
+    fn held_bytes_are_commands_again_when_data_is_refused() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"DATA\r\nQUIT\r\n");
+        assert_eq!(s.take_mta(), b"DATA\r\n");
+        s.mta_says(b"554 5.5.1 no valid recipients\r\n");
+        assert_eq!(s.take_mta(), b"QUIT\r\n");
+    }
+
+    #[test]
+    fn commands_injected_after_starttls_are_discarded_and_the_stream_goes_blind() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"STARTTLS\r\nMAIL FROM:<injected@x>\r\n");
+        assert_eq!(s.take_mta(), b"STARTTLS\r\n");
+        assert_eq!(s.violations(), ["starttls-injection"]);
+        s.mta_says(b"220 2.0.0 Ready to start TLS\r\n");
+        assert!(s.t.is_blind());
+        assert!(s.events.contains(&Event::Blind));
+        assert!(s.t.upstream_output().is_empty());
+    }
+
+    #[test]
+    fn a_polite_starttls_goes_blind_without_a_violation() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"STARTTLS\r\n")
+            .mta_says(b"220 go ahead\r\n");
+        assert!(s.t.is_blind());
+        assert!(s.violations().is_empty());
+    }
+
+    #[test]
+    fn http_and_tls_on_the_command_port_are_named() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"GET / HTTP/1.1\r\n");
+        assert_eq!(s.violations(), ["non-smtp"]);
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"CONNECT mx.example:25 HTTP/1.1\r\nHost: mx\r\n");
+        assert!(s.violations().contains(&"non-smtp"));
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03");
+        assert_eq!(s.violations(), ["tls-on-plaintext"]);
+    }
+
+    #[test]
+    fn bare_lf_long_lines_and_unknown_verbs_are_noticed() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"EHLO x\n");
+        assert_eq!(s.violations(), ["bare-lf"]);
+
+        let mut s = Sim::new(TrackerConfig::default());
+        let mut long = b"EHLO ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 10_000));
+        long.extend_from_slice(b"\r\n");
+        for chunk in long.chunks(1000) {
+            s.client_sends(chunk);
+        }
+        assert_eq!(s.violations(), ["long-line"]);
+        assert_eq!(s.take_mta(), long, "the MTA still gets the line to answer");
+
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"FOO\r\n").mta_says(b"502 no\r\n");
+        s.client_sends(b"BAR\r\n").mta_says(b"502 no\r\n");
+        assert!(s.violations().is_empty());
+        s.client_sends(b"BAZ\r\n").mta_says(b"502 no\r\n");
+        assert_eq!(s.violations(), ["unknown-commands"]);
+    }
+
+    #[test]
+    fn a_smuggled_second_message_never_reaches_the_mta() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
+        s.take_mta();
+        s.client_sends(
+            b"Subject: one\r\n\r\nx\n.\nMAIL FROM:<ceo@bank>\r\nRCPT TO:<c@d>\r\nDATA\r\nforged\r\n.\r\n",
+        );
+        assert_eq!(s.violations(), ["smuggling"]);
+        let mta = s.take_mta();
+        assert!(
+            !mta.windows(4).any(|w| w == b"MAIL"),
+            "{:?}",
+            String::from_utf8_lossy(&mta)
+        );
+        assert!(!s.t.wants_client_input());
+    }
+
+    #[test]
+    fn normalised_smuggling_stays_inside_the_first_message() {
+        let mut s = Sim::new(TrackerConfig {
+            smuggling: SmugglingPolicy::Normalize,
+            ..TrackerConfig::default()
+        });
+        s.ehlo();
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
+        s.take_mta();
+        s.client_sends(b"x\n.\nMAIL FROM:<ceo@bank>\r\n.\r\n");
+        assert_eq!(s.take_mta(), b"x\r\n..\r\nMAIL FROM:<ceo@bank>\r\n.\r\n");
+        assert_eq!(s.violations(), ["smuggling"]);
+    }
+
+    #[test]
+    fn reply_delays_hold_replies_and_catch_the_impatient() {
+        let mut s = Sim::new(TrackerConfig {
+            delays: ReplyDelays {
+                ehlo: Duration::from_millis(1000),
+                ..ReplyDelays::default()
+            },
+            ..TrackerConfig::default()
+        });
+        s.client_sends(b"EHLO x\r\n").mta_says(EHLO_REPLY);
+        assert!(s.take_client().is_empty(), "held back");
+        assert_eq!(
+            s.t.poll_timeout(),
+            Some(s.now + Duration::from_millis(1000))
+        );
+        s.after(999);
+        assert!(s.take_client().is_empty());
+        s.client_sends(b"MAIL FROM:<a@b>\r\n");
+        assert_eq!(s.violations(), ["pipelining"]);
+        s.after(1);
+        assert_eq!(s.take_client(), EHLO_REPLY);
+    }
+
+    #[test]
+    fn turn_gaps_are_measured_from_our_last_reply() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.after(250)
+            .client_sends(b"EHLO x\r\n")
+            .mta_says(EHLO_REPLY);
+        s.after(40).client_sends(b"MAIL FROM:<a@b>\r\n");
+        let gaps: Vec<_> = s
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Turn { verb, gap } => Some((*verb, gap.as_millis())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gaps, [(Verb::Ehlo, 250), (Verb::Mail, 40)]);
+    }
+
+    #[test]
+    fn tagging_puts_the_header_on_top_and_keeps_the_rest_byte_for_byte() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.t.set_disposition(Disposition::Tag(b"X-MXGuard: suspect\r\n".to_vec()));
+        s.client_sends(b"EHLO x\r\n").mta_says(EHLO_REPLY);
+        assert_eq!(
+            s.take_client(),
+            b"250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            "no STARTTLS, no CHUNKING for a session to be tagged"
+        );
+        s.take_mta();
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+        s.take_mta();
+        s.mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
+        s.client_sends(b"Subject: x\r\n\r\n.leading dot\r\n.\r\n");
+        assert_eq!(
+            s.take_mta(),
+            b"X-MXGuard: suspect\r\nSubject: x\r\n\r\n.leading dot\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn tagging_a_bdat_message_rewrites_the_chunk_size() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Tag(b"X-T: 1\r\n".to_vec()));
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n");
+        s.take_mta();
+        s.client_sends(b"BDAT 5 LAST\r\nhello");
+        assert_eq!(s.take_mta(), b"BDAT 13 LAST\r\nX-T: 1\r\nhello");
+    }
+
+    #[test]
+    fn a_suspect_session_cannot_escape_into_tls() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Quarantine);
+        s.client_sends(b"STARTTLS\r\n");
+        assert!(s.take_mta().is_empty());
+        assert_eq!(s.take_client(), b"454 4.7.0 TLS not available\r\n");
+        assert!(!s.t.is_blind());
+    }
+
+    #[test]
+    fn quarantine_takes_the_message_and_the_mta_gets_rset() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Quarantine);
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n..hidden\r\nbody\r\n.\r\n");
+        assert_eq!(s.take_mta(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+        s.mta_says(b"250 ok\r\n250 ok\r\n");
+        assert!(s.events.contains(&Event::DivertStarted));
+        assert!(s.events.contains(&Event::DivertFinished));
+        assert_eq!(s.t.take_diverted(), b".hidden\r\nbody\r\n");
+        assert!(s.take_mta().is_empty(), "no DATA, no body for the MTA");
+        assert_eq!(
+            s.take_client(),
+            b"250 ok\r\n250 ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        );
+        s.client_sends(b"QUIT\r\n");
+        assert!(s.take_mta().is_empty(), "QUIT waits for the store");
+        s.t.divert_done(s.now, b"250 2.0.0 Ok: quarantined\r\n".to_vec());
+        s.flush();
+        assert_eq!(s.take_client(), b"250 2.0.0 Ok: quarantined\r\n");
+        assert_eq!(s.take_mta(), b"RSET\r\nQUIT\r\n");
+        s.mta_says(b"250 2.0.0 Ok\r\n221 bye\r\n");
+        assert_eq!(
+            s.take_client(),
+            b"221 bye\r\n",
+            "the RSET's reply is ours, not the client's"
+        );
+    }
+
+    #[test]
+    fn quarantine_with_no_accepted_recipient_lets_the_mta_refuse_data() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Discard);
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<nobody@d>\r\nDATA\r\n");
+        s.mta_says(b"250 ok\r\n550 5.1.1 unknown user\r\n");
+        assert_eq!(
+            s.take_mta(),
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<nobody@d>\r\nDATA\r\n"
+        );
+        s.mta_says(b"554 5.5.1 no valid recipients\r\n");
+        assert!(s
+            .take_client()
+            .ends_with(b"554 5.5.1 no valid recipients\r\n"));
+    }
+
+    #[test]
+    fn quarantine_takes_bdat_chunks_too() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Quarantine);
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n");
+        s.take_mta();
+        s.take_client();
+        s.client_sends(b"BDAT 3\r\nabcBDAT 2 LAST\r\nde");
+        assert_eq!(s.t.take_diverted(), b"abcde");
+        assert!(s.take_mta().is_empty());
+        assert_eq!(s.take_client(), b"250 2.0.0 3 octets received\r\n");
+        s.t.divert_done(s.now, b"250 2.0.0 Ok: quarantined\r\n".to_vec());
+        s.flush();
+        assert_eq!(s.take_client(), b"250 2.0.0 Ok: quarantined\r\n");
+        assert_eq!(s.take_mta(), b"RSET\r\n");
+    }
+
+    #[test]
+    fn auth_exchanges_are_not_commands_and_success_is_reported() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"AUTH LOGIN\r\n")
+            .mta_says(b"334 VXNlcm5hbWU6\r\n");
+        s.client_sends(b"dXNlcg==\r\n")
+            .mta_says(b"334 UGFzc3dvcmQ6\r\n");
+        s.client_sends(b"cGFzcw==\r\n")
+            .mta_says(b"235 2.7.0 ok\r\n");
+        assert_eq!(s.take_mta(), b"AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\n");
+        assert!(s.events.contains(&Event::Authenticated));
+        assert!(s.violations().is_empty(), "{:?}", s.events);
+    }
+
+    #[test]
+    fn quit_pipelined_after_the_message_is_legal_with_pipelining() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
+        s.client_sends(b"x\r\n.\r\nQUIT\r\n");
+        assert!(s.violations().is_empty(), "{:?}", s.events);
+    }
+
+    #[test]
+    fn garbage_from_the_upstream_is_an_error() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"EHLO x\r\n");
+        assert!(s.t.on_upstream(s.now, b"HTTP/1.0 200 OK\r\n").is_err());
+    }
+}
