@@ -20,10 +20,18 @@ pub enum Verdict {
     Loop,
     /// Something failed on our side or a peer's mid-session.
     Error,
+    /// Relayed, its mail tagged as suspect.
+    Tag,
+    /// Relayed with every reply slowed down.
+    Tarpit,
+    /// Its mail was stored apart, not delivered.
+    Quarantine,
+    /// Its mail was accepted and dropped.
+    Discard,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 8] = [
+    pub const ALL: [Verdict; 12] = [
         Self::Pass,
         Self::Reject,
         Self::Drop,
@@ -32,6 +40,10 @@ impl Verdict {
         Self::Tempfail,
         Self::Loop,
         Self::Error,
+        Self::Tag,
+        Self::Tarpit,
+        Self::Quarantine,
+        Self::Discard,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +56,10 @@ impl Verdict {
             Self::Tempfail => "tempfail",
             Self::Loop => "loop",
             Self::Error => "error",
+            Self::Tag => "tag",
+            Self::Tarpit => "tarpit",
+            Self::Quarantine => "quarantine",
+            Self::Discard => "discard",
         }
     }
 }
