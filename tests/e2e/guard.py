@@ -287,6 +287,17 @@ class Guard:
     def metric(self, name: str, **labels) -> float:
         return self.metrics().get(metric_key(name, **labels), 0.0)
 
+    def wait_metric(self, name: str, expected: float, timeout: float = 3.0, **labels) -> None:
+        """Counters move just after the verdict line is written: wait a little."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metric(name, **labels)
+            if value == expected:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{metric_key(name, **labels)} = {value}, expected {expected}")
+            time.sleep(0.05)
+
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 

@@ -224,4 +224,4 @@ def test_held_sessions_cost_one_descriptor_with_lazy_connect(connect, per_sessio
         c.reset()
     wait_until(lambda: guard.metric("mxguard_sessions_active", phase="greet") == 0, 5, "held sessions gone")
     guard.wait_fds(baseline)
-    assert guard.metric("mxguard_connections_total", outcome="hangup") == n
+    guard.wait_metric("mxguard_connections_total", n, outcome="hangup")

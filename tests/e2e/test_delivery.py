@@ -7,7 +7,7 @@ import os
 import re
 
 from peers import (PostfixSender, RawClient, lf, make_message, smtplib_send, strip_trace_headers,
-                   swaks)
+                   swaks, wait_until)
 
 CHALLENGE = re.compile(rb"^220-guard\.example\.test ESMTP")
 
@@ -28,7 +28,7 @@ def test_swaks_delivers_through_guard_to_smtp_sink(sink, make_guard, workdir):
     assert stored.helo == "swaks.example.test"
     verdict = guard.wait_verdict("127.0.0.2")
     assert (verdict["verdict"], verdict["test"]) == ("pass", "none")
-    assert guard.metric("mxguard_connections_total", outcome="pass") == 1
+    guard.wait_metric("mxguard_connections_total", 1, outcome="pass")
 
 
 def test_smtplib_delivers_through_guard_to_postfix(mta, make_guard):
@@ -75,9 +75,11 @@ def test_large_message_is_relayed_intact_and_counted(sink, make_guard):
     [stored] = sink.wait_messages(1, timeout=30)
     assert stored.content == lf(msg.data)
     guard.wait_verdict("127.0.0.2")
-    relayed_up = sum(guard.metric("mxguard_relayed_bytes_total", mode=m, direction="upstream")
-                     for m in ("copy", "splice"))
-    assert relayed_up >= len(msg.data)
+    def relayed_up():
+        m = guard.metrics()
+        return sum(m.get(f'mxguard_relayed_bytes_total{{direction="upstream",mode="{mode}"}}', 0)
+                   for mode in ("copy", "splice"))
+    wait_until(lambda: relayed_up() >= len(msg.data), 3, "relayed bytes counted")
 
 
 def test_raw_session_sees_challenge_then_banner_then_replies(sink, make_guard):

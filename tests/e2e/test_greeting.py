@@ -101,8 +101,8 @@ def test_hangup_during_the_delay_is_logged_counted_and_closes_the_upstream(sink,
     m = guard.wait_log(rf"HANGUP after (\d+\.\d+) from \[127\.0\.0\.2\]:{client.local_port}\b")[0]
     assert 0.2 <= float(m.group(1)) < 1.5
     assert guard.wait_verdict("127.0.0.2")["verdict"] == "hangup"
-    assert guard.metric("mxguard_detections_total", test="hangup") == 1
-    assert guard.metric("mxguard_connections_total", outcome="hangup") == 1
+    guard.wait_metric("mxguard_detections_total", 1, test="hangup")
+    guard.wait_metric("mxguard_connections_total", 1, outcome="hangup")
     wait_until(lambda: "disconnect" in sink.log(), 3, "the MTA connection closed")
     assert "MAIL" not in " ".join(sink.commands())
 

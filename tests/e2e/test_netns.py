@@ -89,7 +89,7 @@ def test_early_talker_is_caught_before_the_mta_sees_it(mode, family, topo, make_
     wait_until(lambda: len(guard.verdicts(client_ip)) == 2, 3, "two verdicts")
     assert [v["verdict"] for v in guard.verdicts(client_ip)] == ["reject", "blocked"]
     assert sink.connections() == [], "the MTA never saw the bot"
-    assert guard.metric("mxguard_detections_total", test="pregreet") == 1
+    guard.wait_metric("mxguard_detections_total", 1, test="pregreet")
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
@@ -106,7 +106,7 @@ def test_connecting_to_the_guard_port_itself_is_a_refused_loop(mode, family, top
     assert b"220 " not in c.received, c.received
     guard.wait_log(r"LOOP")
     assert guard.wait_verdict(client_ip)["verdict"] == "loop"
-    assert guard.metric("mxguard_connections_total", outcome="loop") == 1
+    guard.wait_metric("mxguard_connections_total", 1, outcome="loop")
     assert sink.connections() == []
 
 

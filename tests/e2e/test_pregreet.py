@@ -78,11 +78,10 @@ def test_early_talker_is_rejected_and_blocklisted(bot, sink, make_guard, workdir
     assert sink.connections() == ["127.0.0.1"], "the MTA saw exactly one connection: the good client's"
     assert not any(c.startswith("EHLO bot") for c in sink.commands())
 
-    m = guard.metrics()
-    assert m['mxguard_detections_total{test="pregreet"}'] == 1
-    assert m['mxguard_connections_total{outcome="reject"}'] == 1
-    assert m['mxguard_connections_total{outcome="blocked"}'] == 1
-    assert m['mxguard_connections_total{outcome="pass"}'] == 1
+    guard.wait_metric("mxguard_detections_total", 1, test="pregreet")
+    guard.wait_metric("mxguard_connections_total", 1, outcome="reject")
+    guard.wait_metric("mxguard_connections_total", 1, outcome="blocked")
+    guard.wait_metric("mxguard_connections_total", 1, outcome="pass")
 
 
 @pytest.mark.parametrize("bot", BOTS, ids=BOT_IDS)
@@ -111,8 +110,8 @@ def test_observe_lets_early_talkers_through_and_logs_them(bot, sink, make_guard)
     assert stored.helo == "bot.example.test"
     guard.wait_log(r"PREGREET \d+ after \d+\.\d+ from \[127\.0\.0\.2\]:\d+: EHLO bot\.example\.test")
     assert guard.wait_verdict("127.0.0.2")["verdict"] == "pass"
-    assert guard.metric("mxguard_detections_total", test="pregreet") == 1
-    assert guard.metric("mxguard_connections_total", outcome="reject") == 0
+    guard.wait_metric("mxguard_detections_total", 1, test="pregreet")
+    guard.wait_metric("mxguard_connections_total", 0, outcome="reject")
 
     # observed, not blocklisted: the next connection gets the normal greeting
     again = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
@@ -133,8 +132,8 @@ def test_drop_closes_without_a_reply(sink, make_guard):
     assert seen in (b"", b"220-guard.example.test ESMTP mxguard\r\n") or re.fullmatch(
         rb"220-guard\.example\.test ESMTP[^\r\n]*\r\n", seen), seen
     assert guard.wait_verdict("127.0.0.2")["verdict"] == "drop"
-    assert guard.metric("mxguard_connections_total", outcome="drop") == 1
-    assert guard.metric("mxguard_detections_total", test="pregreet") == 1
+    guard.wait_metric("mxguard_connections_total", 1, outcome="drop")
+    guard.wait_metric("mxguard_detections_total", 1, test="pregreet")
     time.sleep(1.5)
     assert sink.connections() == []
 
@@ -187,4 +186,4 @@ def test_blocklist_is_per_address(sink, make_guard):
         c = RawClient("127.0.0.1", guard.port, source=addr)
         assert c.read_reply().code == expect, addr
         c.close()
-    assert guard.metric("mxguard_connections_total", outcome="blocked") == 2
+    guard.wait_metric("mxguard_connections_total", 2, outcome="blocked")

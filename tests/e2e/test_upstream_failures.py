@@ -34,7 +34,7 @@ def test_nothing_listening_upstream_with_challenge_gives_421_at_first_command(ma
 
     assert reply.code == 421 and reply.lines[0].startswith(b"421 4.3.2 "), reply.lines
     assert guard.wait_verdict("127.0.0.2")["verdict"] == "tempfail"
-    assert guard.metric("mxguard_connections_total", outcome="tempfail") == 1
+    guard.wait_metric("mxguard_connections_total", 1, outcome="tempfail")
 
 
 def test_nothing_listening_upstream_without_challenge_gives_421_at_once(make_guard):

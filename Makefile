@@ -1,0 +1,44 @@
+# mxguard — the two commands a newcomer needs are `make run` and `make test`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+.PHONY: run build test deps fmt lint unit e2e
+
+# `make -j test` must still run the steps in order.
+.NOTPARALLEL:
+
+## run: build and run the guard's demo (MTA stand-in on loopback, a clean delivery, an early talker caught)
+run:
+	$(CARGO) run --release -p mxguard -- demo
+
+## build: debug build of the daemon (target/debug/mxguard, what the e2e tests run)
+build:
+	$(CARGO) build -p mxguard
+
+## test: install what the tests need, then format check, clippy, unit tests, build, end-to-end tests
+test: deps lint unit build e2e
+
+## deps: apt (postfix, swaks, iptables, ...) and pytest, only what is missing
+deps:
+	tests/install-deps.sh
+
+## fmt: format the code
+fmt:
+	$(CARGO) fmt --all
+
+## lint: format check and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## unit: the workspace's Rust tests
+unit:
+	$(CARGO) test --workspace
+
+## e2e: end-to-end tests against real peers (root for the namespace tests)
+e2e:
+	$(PYTHON) -m pytest tests/e2e -v $(PYTEST_ARGS)

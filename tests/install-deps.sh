@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What `make test` needs on a Debian machine, installed only when missing so
+# repeated runs are fast: the real peers (Postfix with smtp-sink, swaks with
+# its TLS and IPv6 modules), firewall and namespace tools, pytest, and the
+# rustfmt/clippy components. Needs root (or sudo) only when it installs.
+set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
+
+APT_PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-inet6-perl iptables nftables iproute2 curl openssl procps)
+TOOLS=(postconf postfix smtp-sink sendmail postqueue swaks iptables ip6tables nft ip curl openssl ps sysctl)
+
+sudo=()
+if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
+
+missing=()
+for tool in "${TOOLS[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+perl -MNet::SSLeay -MIO::Socket::INET6 -e1 >/dev/null 2>&1 || missing+=("swaks TLS/IPv6 perl modules")
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: missing ${missing[*]}; installing ${APT_PACKAGES[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Postfix without a system configuration: the tests run their own instances.
+    echo "postfix postfix/main_mailer_type select No configuration" | "${sudo[@]}" debconf-set-selections
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q "${APT_PACKAGES[@]}" </dev/null
+    # A package install may start the system Postfix; the tests must not depend
+    # on (or collide with) it.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postfix 2>/dev/null; then
+        "${sudo[@]}" systemctl stop postfix || true
+    fi
+    if [ -f /etc/postfix/main.cf ] && "${sudo[@]}" postfix status >/dev/null 2>&1; then
+        "${sudo[@]}" postfix stop || true
+    fi
+else
+    echo "install-deps: system packages present"
+fi
+
+if ! python3 -m pytest --version >/dev/null 2>&1; then
+    echo "install-deps: installing pytest"
+    python3 -m pip install -q pytest 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages pytest 2>/dev/null \
+        || { "${sudo[@]}" apt-get install -y -q python3-pytest </dev/null; }
+fi
+
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
