@@ -17,13 +17,29 @@ import netns
 import peers
 from peers import CLEANUP, REPO
 
-RUN_DIR = Path(os.environ.get("MXGUARD_E2E_WORK") or REPO / "tests" / ".work") / time.strftime(
-    f"run-%Y%m%d-%H%M%S-{netns.RUN_TAG}"
-)
+# Postfix and smtp-sink drop privileges and must be able to walk into the
+# directories the tests create, whatever umask the caller has.
+os.umask(0o022)
+
+
+def _work_base() -> Path:
+    """tests/.work, unless the postfix user could not walk into it (a checkout
+    under /root, say): smtp-sink and Postfix write there after dropping
+    privileges."""
+    if os.environ.get("MXGUARD_E2E_WORK"):
+        return Path(os.environ["MXGUARD_E2E_WORK"])
+    base = REPO / "tests" / ".work"
+    for d in (REPO / "tests", *(REPO / "tests").parents):
+        if not os.stat(d).st_mode & 0o001:
+            return Path("/tmp/mxguard-e2e")
+    return base
+
+
+RUN_DIR = _work_base() / time.strftime(f"run-%Y%m%d-%H%M%S-{netns.RUN_TAG}")
 DEFAULT_TIME_LIMIT = 60.0
 
 
-class TestTimeLimit(Exception):
+class TimeLimitExceeded(Exception):
     pass
 
 
@@ -70,7 +86,7 @@ def _limits_and_cleanup(request):
     limit = marker.args[0] if marker else DEFAULT_TIME_LIMIT
 
     def on_alarm(signum, frame):
-        raise TestTimeLimit(f"test exceeded its {limit}s time limit")
+        raise TimeLimitExceeded(f"test exceeded its {limit}s time limit")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from peers import RawClient, lf, make_message, swaks
+from peers import RawClient, lf, make_message, smtplib_send, strip_trace_headers, swaks
 
 EHLO = b"EHLO bot.example.test\r\n"
 
@@ -187,3 +187,19 @@ def test_blocklist_is_per_address(sink, make_guard):
         assert c.read_reply().code == expect, addr
         c.close()
     guard.wait_metric("mxguard_connections_total", 2, outcome="blocked")
+
+
+def test_a_bot_sending_a_whole_transaction_never_reaches_postfix(mta, make_guard):
+    guard = make_guard(upstream=mta.addr, **SLOW_GREET)
+    spam = make_message()
+
+    bot = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    bot.send(whole_transaction(spam))
+    assert re.search(rb"(?m)^554 ", bot.read_until_closed(timeout=5))
+    bot.close()
+    ham = make_message()
+    smtplib_send("127.0.0.1", guard.port, ham, source="127.0.0.3")
+
+    assert strip_trace_headers(mta.wait_for(ham.token)) == lf(ham.data)
+    assert mta.find(spam.token) == []
+    assert mta.connects() == 1, "Postfix logged exactly one connection: the good client's\n" + mta.log()
