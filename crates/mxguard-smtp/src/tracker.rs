@@ -329,6 +329,12 @@ pub struct TurnTracker {
     /// Violations reported once per session each.
     reported: u16,
     blind: bool,
+    /// A violation was reported: nothing more is read until the caller has
+    /// applied its policy and called [`TurnTracker::proceed`], so that the
+    /// action (say, quarantine) covers the very command that fired it.
+    paused: bool,
+    /// The current line's turn was already checked (before a pause).
+    turn_checked: bool,
 }
 
 impl TurnTracker {
@@ -359,7 +365,33 @@ impl TurnTracker {
             events: VecDeque::new(),
             reported: 0,
             blind: false,
+            paused: false,
+            turn_checked: false,
         }
+    }
+
+    /// Waiting for [`TurnTracker::proceed`] after a violation.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The caller applied its policy to the reported violations: read on.
+    pub fn proceed(&mut self, now: Instant) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        if !self.held.is_empty() && !self.waits_for_reply() {
+            let held = std::mem::take(&mut self.held);
+            self.process(now, &held);
+        }
+    }
+
+    fn waits_for_reply(&self) -> bool {
+        matches!(
+            self.client,
+            ClientState::AwaitReply(_) | ClientState::AwaitDivert
+        )
     }
 
     pub fn set_disposition(&mut self, disposition: Disposition) {
@@ -387,6 +419,15 @@ impl TurnTracker {
     /// The stream is TLS now; relay it blind.
     pub fn is_blind(&self) -> bool {
         self.blind
+    }
+
+    /// A message is in flight (DATA body or BDAT chunks): cutting the
+    /// upstream connection now makes the MTA drop it.
+    pub fn in_message(&self) -> bool {
+        matches!(
+            self.client,
+            ClientState::Body(_) | ClientState::Chunk { .. } | ClientState::AwaitDivert
+        )
     }
 
     /// Nothing is owed either way: no reply pending or held, no bytes
@@ -488,6 +529,10 @@ impl TurnTracker {
         if data.is_empty() {
             return;
         }
+        if self.paused {
+            self.held.extend_from_slice(data);
+            return;
+        }
         self.process(now, data);
     }
 
@@ -510,6 +555,13 @@ impl TurnTracker {
     /// state says to hold them.
     fn process(&mut self, now: Instant, mut data: &[u8]) {
         while !data.is_empty() {
+            if self.paused {
+                // Keep the rest, in order, ahead of anything held later.
+                let mut rest = data.to_vec();
+                rest.append(&mut self.held);
+                self.held = rest;
+                return;
+            }
             let used = match &mut self.client {
                 ClientState::Command | ClientState::SaslLine => self.command_bytes(now, data),
                 ClientState::Body(_) => self.body_bytes(data),
@@ -537,8 +589,12 @@ impl TurnTracker {
 
     /// Reads (part of) a command line; returns bytes used.
     fn command_bytes(&mut self, now: Instant, data: &[u8]) -> usize {
-        if self.line.is_empty() && !self.line_overflow {
+        if self.line.is_empty() && !self.line_overflow && !self.turn_checked {
+            self.turn_checked = true;
             self.turn_starts(now, data);
+            if self.paused {
+                return 0;
+            }
         }
         let (take, complete) = match memchr::memchr(b'\n', data) {
             Some(lf) => (lf + 1, true),
@@ -550,6 +606,7 @@ impl TurnTracker {
             self.to_upstream.extend_from_slice(&data[..take]);
             if complete {
                 self.line_overflow = false;
+                self.turn_checked = false;
                 self.pending.push_back(Pending {
                     turn: Turn::Command(Verb::Unknown),
                     rcpt: None,
@@ -574,6 +631,7 @@ impl TurnTracker {
             });
         }
         let line = std::mem::take(&mut self.line);
+        self.turn_checked = false;
         self.command(now, line);
         take
     }
@@ -956,11 +1014,7 @@ impl TurnTracker {
             self.try_divert(now);
             return;
         }
-        if matches!(
-            self.client,
-            ClientState::AwaitReply(_) | ClientState::AwaitDivert
-        ) || self.held.is_empty()
-        {
+        if self.paused || self.waits_for_reply() || self.held.is_empty() {
             return;
         }
         let held = std::mem::take(&mut self.held);
@@ -991,6 +1045,7 @@ impl TurnTracker {
             return;
         }
         self.reported |= bit;
+        self.paused = true;
         self.events.push_back(Event::Violation(v));
     }
 }
@@ -1042,6 +1097,10 @@ mod tests {
             }
             while let Some(e) = self.t.poll_event() {
                 self.events.push(e);
+            }
+            if self.t.is_paused() {
+                self.t.proceed(self.now);
+                self.flush();
             }
         }
 
@@ -1440,6 +1499,30 @@ mod tests {
             .mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
         s.client_sends(b"x\r\n.\r\nQUIT\r\n");
         assert!(s.violations().is_empty(), "{:?}", s.events);
+    }
+
+    #[test]
+    fn the_action_of_a_violation_covers_the_command_that_fired_it() {
+        let now = Instant::now();
+        let mut t = TurnTracker::new(TrackerConfig::default(), now);
+        t.on_client(
+            now,
+            b"EHLO bot\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            t.upstream_output(),
+            b"EHLO bot\r\n",
+            "paused at the violation"
+        );
+        assert!(matches!(t.poll_event(), Some(Event::Turn { .. })));
+        assert!(matches!(t.poll_event(), Some(Event::Violation(_))));
+        t.set_disposition(Disposition::Quarantine);
+        t.proceed(now);
+        assert_eq!(
+            t.upstream_output(),
+            b"EHLO bot\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n",
+            "DATA is kept for the quarantine"
+        );
     }
 
     #[test]
