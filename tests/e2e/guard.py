@@ -301,6 +301,15 @@ class Guard:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def resting_fd_count(self) -> int:
+        """Descriptors at rest: the lowest of a few samples, so an admin
+        connection from a scrape a moment ago is not counted."""
+        samples = []
+        for _ in range(4):
+            samples.append(self.fd_count())
+            time.sleep(0.05)
+        return min(samples)
+
     def wait_fds(self, expected: int, timeout: float = 5.0) -> None:
         """Wait until the guard holds `expected` descriptors again."""
         try:

@@ -24,7 +24,7 @@ def steady(sink, make_guard):
     smtplib_send("127.0.0.1", guard.port, make_message(), source="127.0.0.9")
     sink.wait_messages(1)
     wait_until(lambda: guard.metric("mxguard_sessions_active", phase="relay") == 0, 3, "warm-up session over")
-    return guard, guard.fd_count()
+    return guard, guard.resting_fd_count()
 
 
 def assert_recovered(guard, sink, baseline):
@@ -170,7 +170,7 @@ def test_upstream_that_resets_mid_session(make_guard):
     warm.read_reply()
     warm.close()
     wait_until(lambda: guard.metric("mxguard_sessions_active", phase="relay") == 0, 3, "warm-up over")
-    baseline = guard.fd_count()
+    baseline = guard.resting_fd_count()
 
     client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
     assert client.read_reply().lines[-1] == b"220 scripted.example.test ESMTP\r\n"
@@ -194,7 +194,7 @@ def test_upstream_that_hangs_mid_session_is_cut_by_the_idle_timeout(make_guard):
     warm.read_reply()
     warm.close()
     guard.wait_verdict("127.0.0.9")
-    baseline = guard.fd_count()
+    baseline = guard.resting_fd_count()
 
     client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
     client.read_reply()
@@ -213,11 +213,11 @@ def test_held_sessions_cost_one_descriptor_with_lazy_connect(connect, per_sessio
     n = 100
     guard = make_guard(upstream=sink.addr, **{"greet.delay": "4s", "greet.connect_lead": "1s",
                                               "greet.upstream_connect": connect})
-    baseline = guard.fd_count()
+    baseline = guard.resting_fd_count()
 
     clients = [RawClient("127.0.0.1", guard.port, source=f"127.0.1.{i + 1}") for i in range(n)]
     wait_until(lambda: guard.metric("mxguard_sessions_active", phase="greet") == n, 3, f"{n} held sessions")
-    held = guard.fd_count() - baseline
+    held = guard.resting_fd_count() - baseline
     assert n * per_session <= held <= n * per_session + 8, f"{held} descriptors for {n} held sessions ({connect})"
 
     for c in clients:

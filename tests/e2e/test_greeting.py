@@ -70,7 +70,6 @@ def test_lazy_connect_opens_the_upstream_only_shortly_before_the_delay_ends(sink
     client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
     time.sleep(1.0)
     assert sink.connections() == [], "1s into a 2s delay with a 0.5s lead the MTA is not contacted yet"
-    assert guard.fd_count() >= 1
     greeting = client.read_reply(timeout=5)
     assert greeting.lines[-1] == BANNER and greeting.at >= 2.0
     assert sink.connections() == ["127.0.0.1"]
