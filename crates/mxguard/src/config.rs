@@ -113,6 +113,7 @@ pub struct Config {
     pub limits: Limits,
     pub admin: Admin,
     pub log: Log,
+    pub quarantine: Quarantine,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +177,16 @@ pub struct Log {
     pub level: String,
 }
 
+/// Where `quarantine` keeps suspect mail (docs/quarantine.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quarantine {
+    /// Holds `tmp/` (messages being written) and `new/` (stored ones).
+    pub dir: PathBuf,
+    /// Bytes. A bigger message is answered `552` and not stored.
+    pub max_message_size: u64,
+}
+
 // The defaults, all in one place.
 
 impl Default for Config {
@@ -189,6 +200,7 @@ impl Default for Config {
             limits: Limits::default(),
             admin: Admin::default(),
             log: Log::default(),
+            quarantine: Quarantine::default(),
         }
     }
 }
@@ -259,6 +271,17 @@ impl Default for Log {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+        }
+    }
+}
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/mxguard/quarantine"),
+            // Beyond what most MTAs accept (Postfix: 10 MB by default), so
+            // the guard is never the one refusing a legitimate size.
+            max_message_size: 50 * 1024 * 1024,
         }
     }
 }
@@ -493,6 +516,20 @@ impl Config {
         if self.limits.blocklist_max == 0 {
             return bad("limits.blocklist_max", "must be at least 1".into());
         }
+        if !self.quarantine.dir.is_absolute() {
+            // The daemon's working directory is not the operator's: a
+            // relative path would put mail somewhere nobody looks.
+            return bad(
+                "quarantine.dir",
+                format!(
+                    "`{}` must be an absolute path",
+                    self.quarantine.dir.display()
+                ),
+            );
+        }
+        if self.quarantine.max_message_size == 0 {
+            return bad("quarantine.max_message_size", "must be at least 1".into());
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad(
                 "log.level",
@@ -591,6 +628,28 @@ mod tests {
     fn hostname_cannot_break_a_reply_line() {
         let c = Config::parse("hostname = \"a b\\r\\n250 ok\"\n").unwrap();
         assert_eq!(c.validate().unwrap_err().key, "hostname");
+    }
+
+    #[test]
+    fn the_quarantine_section_reads_and_checks() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(
+            c.quarantine.dir,
+            PathBuf::from("/var/lib/mxguard/quarantine")
+        );
+        assert_eq!(c.quarantine.max_message_size, 50 * 1024 * 1024);
+        let c = Config::parse("[quarantine]\ndir = \"/srv/q\"\nmax_message_size = 1000\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.quarantine.dir, PathBuf::from("/srv/q"));
+        assert_eq!(c.quarantine.max_message_size, 1000);
+        let c = Config::parse("[quarantine]\ndir = \"q\"\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "quarantine.dir");
+        let c = Config::parse("[quarantine]\nmax_message_size = 0\n").unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "quarantine.max_message_size");
+        let e = Config::parse("[quarantine]\ndirectory = \"/srv/q\"\n").unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+        let e = Config::parse("[quarantine]\nmax_message_size = \"50M\"\n").unwrap_err();
+        assert_eq!(e.key, "quarantine.max_message_size");
     }
 
     #[test]

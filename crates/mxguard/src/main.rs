@@ -11,6 +11,7 @@ mod demo;
 mod intercept;
 mod logging;
 mod metrics;
+mod quarantine;
 mod server;
 mod session;
 
@@ -49,6 +50,8 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// List, show, release or delete quarantined messages.
+    Quarantine(quarantine::QuarantineArgs),
     /// Show the guard at work on loopback: a built-in MTA stand-in, the
     /// guard in front of it, a polite client and an early talker.
     Demo {
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Quarantine(args) => quarantine::cli_main(args),
         Command::Demo { greet_delay } => demo::main(greet_delay),
     }
 }
