@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
+use mxguard_policy::action::Action;
 use mxguard_policy::PregreetAction;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -110,10 +112,116 @@ pub struct Config {
     pub greet: Greet,
     pub pregreet: Pregreet,
     pub relay: Relay,
+    pub turns: Turns,
+    pub actions: Actions,
+    pub pass_cache: PassCache,
+    pub allowlist: Allowlist,
     pub limits: Limits,
     pub admin: Admin,
     pub log: Log,
     pub quarantine: Quarantine,
+}
+
+/// How long the guard watches a session after its greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Watch {
+    /// Every command, until STARTTLS or the end (copy mode until then).
+    Session,
+    /// Splice right after the greeting: only the greeting is tested.
+    Greeting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Smuggling {
+    /// Refuse the message (554) and end the session.
+    Reject,
+    /// Rewrite look-alikes into unambiguous content and carry on.
+    Normalize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Turns {
+    pub watch: Watch,
+    /// Hide PIPELINING from clients: any pipelining is then a violation.
+    pub strip_pipelining: bool,
+    pub max_command_line: usize,
+    pub unknown_command_limit: u32,
+    pub smuggling: Smuggling,
+    pub reply_delay: ReplyDelay,
+}
+
+/// How long to hold the MTA's reply to each command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplyDelay {
+    pub ehlo: Dur,
+    pub helo: Dur,
+    pub mail: Dur,
+    pub rcpt: Dur,
+    /// The 354 to DATA.
+    pub data: Dur,
+    /// The reply to the end of a message.
+    pub end_of_data: Dur,
+    pub other: Dur,
+}
+
+/// What each test does when it fires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Actions {
+    pub pipelining: Action,
+    pub early_data: Action,
+    pub non_smtp: Action,
+    pub tls_on_plaintext: Action,
+    pub bare_lf: Action,
+    pub long_line: Action,
+    pub unknown_commands: Action,
+    pub smuggling: Action,
+    pub starttls_injection: Action,
+    /// Clients rejected or dropped by a test after the greeting are
+    /// blocklisted this long (0s: never).
+    pub block_ttl: Dur,
+    /// The header name `tag` adds.
+    pub tag_header: String,
+    /// How much `tarpit` slows each reply.
+    pub tarpit_delay: Dur,
+}
+
+impl Actions {
+    /// The action for a test by its name (as [`mxguard_smtp::Violation::test`]).
+    pub fn for_test(&self, test: &str) -> Action {
+        match test {
+            "pipelining" => self.pipelining,
+            "early-data" => self.early_data,
+            "non-smtp" => self.non_smtp,
+            "tls-on-plaintext" => self.tls_on_plaintext,
+            "bare-lf" => self.bare_lf,
+            "long-line" => self.long_line,
+            "unknown-commands" => self.unknown_commands,
+            "smuggling" => self.smuggling,
+            "starttls-injection" => self.starttls_injection,
+            _ => Action::Observe,
+        }
+    }
+}
+
+/// Clients that passed every test are remembered and not delayed again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassCache {
+    /// How long a pass is remembered (0s: never).
+    pub ttl: Dur,
+    pub max_entries: usize,
+}
+
+/// Networks that skip every test: no delay, no watch, spliced at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allowlist {
+    pub networks: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +305,10 @@ impl Default for Config {
             greet: Greet::default(),
             pregreet: Pregreet::default(),
             relay: Relay::default(),
+            turns: Turns::default(),
+            actions: Actions::default(),
+            pass_cache: PassCache::default(),
+            allowlist: Allowlist::default(),
             limits: Limits::default(),
             admin: Admin::default(),
             log: Log::default(),
@@ -245,6 +357,65 @@ impl Default for Relay {
             mode: RelayMode::Splice,
             idle_timeout: Dur::secs(300),
             command_timeout: Dur::secs(300),
+        }
+    }
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Self {
+            watch: Watch::Session,
+            strip_pipelining: false,
+            // Postfix's own line_length_limit: RFC 5321's 512 plus room for
+            // the parameters extensions add to MAIL FROM.
+            max_command_line: 2048,
+            unknown_command_limit: 3,
+            smuggling: Smuggling::Reject,
+            reply_delay: ReplyDelay::default(),
+        }
+    }
+}
+
+impl Default for ReplyDelay {
+    fn default() -> Self {
+        Self {
+            ehlo: Dur::secs(0),
+            helo: Dur::secs(0),
+            mail: Dur::secs(0),
+            rcpt: Dur::secs(0),
+            data: Dur::secs(0),
+            end_of_data: Dur::secs(0),
+            other: Dur::secs(0),
+        }
+    }
+}
+
+impl Default for Actions {
+    fn default() -> Self {
+        Self {
+            pipelining: Action::Reject,
+            early_data: Action::Reject,
+            non_smtp: Action::Drop,
+            // A real sender that expected implicit TLS: it cannot read an
+            // SMTP reply, and it is not a bot to blocklist.
+            tls_on_plaintext: Action::Drop,
+            bare_lf: Action::Observe,
+            long_line: Action::Reject,
+            unknown_commands: Action::Reject,
+            smuggling: Action::Reject,
+            starttls_injection: Action::Reject,
+            block_ttl: Dur::secs(3600),
+            tag_header: "X-MXGuard".into(),
+            tarpit_delay: Dur::secs(10),
+        }
+    }
+}
+
+impl Default for PassCache {
+    fn default() -> Self {
+        Self {
+            ttl: Dur::secs(24 * 3600),
+            max_entries: 1_000_000,
         }
     }
 }
@@ -513,6 +684,42 @@ impl Config {
         if self.relay.command_timeout.0.is_zero() {
             return bad("relay.command_timeout", "must be more than 0s".into());
         }
+        if self.turns.watch == Watch::Greeting
+            && !self.pregreet.action.ends_session()
+            && self.pregreet.action != Action::Observe
+        {
+            return bad(
+                "pregreet.action",
+                format!(
+                    "`{}` needs the session watched after the greeting (turns.watch = \"session\")",
+                    self.pregreet.action.as_str()
+                ),
+            );
+        }
+        if self.turns.max_command_line < 512 {
+            return bad(
+                "turns.max_command_line",
+                "at least 512 (RFC 5321 §4.5.3.1.4)".into(),
+            );
+        }
+        let header_ok = !self.actions.tag_header.is_empty()
+            && self
+                .actions
+                .tag_header
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b':');
+        if !header_ok {
+            return bad(
+                "actions.tag_header",
+                format!("`{}` is not a header field name", self.actions.tag_header),
+            );
+        }
+        if self.actions.tarpit_delay.0 > Duration::from_secs(120) {
+            return bad(
+                "actions.tarpit_delay",
+                "more than 2m: senders time out and retry".into(),
+            );
+        }
         if self.limits.blocklist_max == 0 {
             return bad("limits.blocklist_max", "must be at least 1".into());
         }
@@ -537,6 +744,24 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Some test's action keeps mail in quarantine.
+    pub fn uses_quarantine(&self) -> bool {
+        let a = &self.actions;
+        [
+            self.pregreet.action,
+            a.pipelining,
+            a.early_data,
+            a.non_smtp,
+            a.tls_on_plaintext,
+            a.bare_lf,
+            a.long_line,
+            a.unknown_commands,
+            a.smuggling,
+            a.starttls_injection,
+        ]
+        .contains(&Action::Quarantine)
     }
 
     /// The effective configuration as TOML.

@@ -14,6 +14,7 @@ mod metrics;
 mod quarantine;
 mod server;
 mod session;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

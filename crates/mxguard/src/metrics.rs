@@ -20,6 +20,8 @@ pub struct Metrics {
     pub blocklist_entries: IntGauge,
     pub accept_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub actions: IntCounterVec,
+    pub messages: IntCounterVec,
 }
 
 /// The phases a live session can be in.
@@ -93,6 +95,20 @@ impl Metrics {
             Opts::new("mxguard_config_reloads_total", "Config reloads by result."),
             &["result"],
         )?;
+        let actions = IntCounterVec::new(
+            Opts::new(
+                "mxguard_actions_total",
+                "Actions taken on detections, by action.",
+            ),
+            &["action"],
+        )?;
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "mxguard_messages_total",
+                "Messages kept from the MTA, by disposition (quarantine, discard).",
+            ),
+            &["disposition"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("mxguard_build_info", "Always 1; the version as a label."),
             &["version"],
@@ -110,14 +126,25 @@ impl Metrics {
         registry.register(Box::new(blocklist_entries.clone()))?;
         registry.register(Box::new(accept_errors.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(actions.clone()))?;
+        registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(build_info))?;
 
         // Zero every known series so rates work from the first scrape.
         for v in Verdict::ALL {
             connections.with_label_values(&[v.as_str()]);
         }
-        for test in ["pregreet", "hangup"] {
+        for test in ["pregreet", "hangup"]
+            .into_iter()
+            .chain(mxguard_smtp::Violation::TESTS)
+        {
             detections.with_label_values(&[test]);
+        }
+        for action in mxguard_policy::action::Action::ALL {
+            actions.with_label_values(&[action.as_str()]);
+        }
+        for disposition in ["quarantine", "discard"] {
+            messages.with_label_values(&[disposition]);
         }
         for phase in [Phase::Greet, Phase::Relay] {
             sessions_active.with_label_values(&[phase.as_str()]);
@@ -145,6 +172,8 @@ impl Metrics {
             blocklist_entries,
             accept_errors,
             config_reloads,
+            actions,
+            messages,
         })
     }
 

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::config::{Config, Mode, Overrides};
 use crate::intercept::{self, OriginalDestination};
 use crate::metrics::Metrics;
+use crate::quarantine::Quarantine;
 
 /// Per-session settings, swapped whole on reload.
 pub struct Runtime {
@@ -43,21 +44,34 @@ pub struct Shared {
     pub metrics: Metrics,
     pub relay_counters: RelayCounters,
     pub listen_addrs: Vec<SocketAddr>,
+    /// Where quarantined mail goes; `None` when it cannot be opened (then a
+    /// message to quarantine gets a 451, never a 250).
+    pub quarantine: Option<Quarantine>,
     blocklist: Mutex<Blocklist>,
+    /// Addresses that passed every test lately.
+    passed: Mutex<Blocklist>,
     live: AtomicUsize,
     idle: Notify,
 }
 
 impl Shared {
-    pub fn new(config: Config, metrics: Metrics, listen_addrs: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        config: Config,
+        metrics: Metrics,
+        listen_addrs: Vec<SocketAddr>,
+        quarantine: Option<Quarantine>,
+    ) -> Self {
         let blocklist = Blocklist::new(config.limits.blocklist_max);
+        let passed = Blocklist::new(config.pass_cache.max_entries.max(1));
         let relay_counters = RelayCounters::new(&metrics);
         Self {
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             metrics,
             relay_counters,
             listen_addrs,
+            quarantine,
             blocklist: Mutex::new(blocklist),
+            passed: Mutex::new(passed),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
         }
@@ -80,6 +94,38 @@ impl Shared {
         let mut list = self.blocklist.lock();
         list.purge(now);
         self.metrics.blocklist_entries.set(list.len() as i64);
+        drop(list);
+        self.passed.lock().purge(now);
+    }
+
+    /// Allowlisted: skips every test.
+    pub fn is_allowlisted(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let runtime = self.runtime.load();
+        runtime
+            .config
+            .allowlist
+            .networks
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+
+    /// Passed every test within the pass cache's TTL.
+    pub fn passed_before(&self, ip: IpAddr) -> bool {
+        let now = Instant::now().into_std();
+        self.passed.lock().lookup(ip, now).is_some()
+    }
+
+    pub fn remember_pass(&self, ip: IpAddr, ttl: Duration) {
+        let now = Instant::now().into_std();
+        self.passed.lock().insert(ip, now, ttl, "pass");
+    }
+
+    pub fn count_action(&self, action: mxguard_policy::action::Action) {
+        self.metrics
+            .actions
+            .with_label_values(&[action.as_str()])
+            .inc();
     }
 
     pub fn live_sessions(&self) -> usize {
@@ -174,7 +220,24 @@ pub async fn run(
         None => None,
     };
 
-    let shared = Arc::new(Shared::new(config.clone(), metrics, listen_addrs.clone()));
+    let quarantine = match Quarantine::open(&config.quarantine) {
+        Ok(q) => Some(q),
+        Err(e) if config.uses_quarantine() => {
+            return Err(anyhow::anyhow!(
+                "quarantine is an action in the config but its store cannot be opened: {e}"
+            ));
+        }
+        Err(e) => {
+            tracing::debug!("quarantine store not available: {e}");
+            None
+        }
+    };
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        metrics,
+        listen_addrs.clone(),
+        quarantine,
+    ));
     let admin_bound = admin_addr.as_ref().map(|(a, _)| *a);
     if let Some((_, listener)) = admin_addr {
         tokio::spawn(crate::admin::serve(

@@ -30,19 +30,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mxguard_policy::{PregreetAction, Verdict};
+use mxguard_policy::action::Action;
+use mxguard_policy::Verdict;
 use mxguard_smtp::{
     blocked_reply, challenge_line, closing_reply, find_line_end, plan_greeting,
-    pregreet_reject_reply, PregreetWatch, Reply, ReplyReader, UpstreamGreeting,
+    pregreet_reject_reply, tempfail_reply, PregreetWatch, Reply, ReplyReader, UpstreamGreeting,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use crate::config::{RelayMode, UpstreamConnect};
+use crate::config::{RelayMode, UpstreamConnect, Watch};
 use crate::intercept::{self, InterceptError};
 use crate::metrics::Phase;
 use crate::server::{Runtime, Shared};
+use crate::watch::WatchEnd;
 
 /// Early bytes kept for an observed early talker, forwarded after the
 /// greeting; past this the client is not read until the greeting ends.
@@ -57,16 +59,41 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What is logged and counted when the session ends.
-struct Record {
-    client: SocketAddr,
-    orig_dst: Option<SocketAddr>,
-    verdict: Verdict,
-    /// The test that decided the verdict, or `none`.
-    test: &'static str,
+pub struct Record {
+    pub client: SocketAddr,
+    pub orig_dst: Option<SocketAddr>,
+    pub verdict: Verdict,
+    /// The tests that fired, in order.
+    pub tests: Vec<&'static str>,
     /// How the session ended, in a word (eof, idle, reset, ...).
-    end: &'static str,
-    bytes_up: u64,
-    bytes_down: u64,
+    pub end: &'static str,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Commands seen, and the shortest time the client took to answer our
+    /// reply (the timing classifier's raw material).
+    pub turns: u32,
+    pub min_gap: Option<std::time::Duration>,
+    pub authenticated: bool,
+}
+
+impl Record {
+    pub fn fired(&mut self, test: &'static str) {
+        if !self.tests.contains(&test) {
+            self.tests.push(test);
+        }
+    }
+
+    pub fn tests_joined(&self) -> String {
+        if self.tests.is_empty() {
+            return "none".into();
+        }
+        self.tests.join(",")
+    }
+
+    pub fn turn(&mut self, gap: std::time::Duration) {
+        self.turns += 1;
+        self.min_gap = Some(self.min_gap.map_or(gap, |m| m.min(gap)));
+    }
 }
 
 /// Drives one accepted connection to its end, then logs its verdict.
@@ -77,12 +104,18 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         client: peer,
         orig_dst: None,
         verdict: Verdict::Error,
-        test: "none",
+        tests: Vec::new(),
         end: "",
         bytes_up: 0,
         bytes_down: 0,
+        turns: 0,
+        min_gap: None,
+        authenticated: false,
     };
     drive(&shared, &runtime, client, started, &mut record).await;
+    if record.verdict == Verdict::Pass && record.tests.is_empty() && record.turns > 0 {
+        shared.remember_pass(peer.ip(), runtime.config.pass_cache.ttl.0);
+    }
 
     shared
         .metrics
@@ -95,13 +128,15 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
     tracing::info!(
         target: "mxguard::session",
         verdict = %record.verdict,
-        test = %record.test,
+        test = %record.tests_joined(),
         client = %record.client,
         orig_dst = %orig_dst,
         elapsed = started.elapsed().as_millis() as f64 / 1000.0,
         bytes_up = record.bytes_up,
         bytes_down = record.bytes_down,
         end = %record.end,
+        turns = record.turns,
+        min_gap_ms = record.min_gap.map_or(-1.0, |g| g.as_micros() as f64 / 1000.0),
         "session"
     );
 }
@@ -154,25 +189,80 @@ async fn drive(
         record.bytes_down += write_reply(&mut client, &reply).await;
         discard_pending(&client);
         record.verdict = Verdict::Blocked;
-        record.test = "blocklist";
+        record.fired("blocklist");
         record.end = "closed";
         return;
     }
 
+    // Allowlisted clients skip every test; clients that passed before are
+    // not delayed again.
+    let allowed = shared.is_allowlisted(peer.ip());
+    let known = !allowed && shared.passed_before(peer.ip());
+    if allowed {
+        record.fired("allowlist");
+    }
+    let hold = if allowed || known {
+        Hold::none()
+    } else {
+        Hold::from(&config.greet)
+    };
+
     let greeted = {
         let _phase = shared.metrics.enter(Phase::Greet);
-        greet(shared, runtime, &mut client, dst, started, record).await
+        greet(shared, runtime, &mut client, dst, started, hold, record).await
     };
     let Some(Greeted {
-        upstream,
+        mut upstream,
         early,
         upstream_rest,
+        action,
     }) = greeted
     else {
         return;
     };
 
     let _phase = shared.metrics.enter(Phase::Relay);
+    if !allowed && config.turns.watch == Watch::Session {
+        record.verdict = Verdict::Pass;
+        // Boxed: only sessions that get this far pay for the watch's state.
+        let end = Box::pin(crate::watch::watch(
+            shared,
+            runtime,
+            &mut client,
+            &mut upstream,
+            early,
+            upstream_rest,
+            action,
+            !known,
+            record,
+        ))
+        .await;
+        match end {
+            WatchEnd::Blind => {}
+            WatchEnd::Over { quit } => {
+                if quit {
+                    Box::pin(quit_upstream(upstream)).await;
+                }
+                return;
+            }
+        }
+        // TLS from here: relay blind, zero-copy.
+        let verdict = record.verdict;
+        Box::pin(relay(
+            shared,
+            runtime,
+            client,
+            upstream,
+            Vec::new(),
+            Vec::new(),
+            record,
+        ))
+        .await;
+        if record.verdict == Verdict::Pass {
+            record.verdict = verdict;
+        }
+        return;
+    }
     // Boxed so the large relay state does not enlarge every held session's
     // future, only the ones that get this far.
     Box::pin(relay(
@@ -187,13 +277,45 @@ async fn drive(
     .await;
 }
 
+/// How the greeting is held for this client.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    delay: Duration,
+    challenge: bool,
+    eager: bool,
+    lead: Duration,
+}
+
+impl Hold {
+    /// No delay, no challenge: the banner is passed on when it comes.
+    fn none() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            challenge: false,
+            eager: true,
+            lead: Duration::ZERO,
+        }
+    }
+
+    fn from(greet: &crate::config::Greet) -> Self {
+        Self {
+            delay: greet.delay.0,
+            challenge: greet.challenge,
+            eager: greet.upstream_connect == UpstreamConnect::Eager,
+            lead: greet.connect_lead.0,
+        }
+    }
+}
+
 /// A session that made it through the greeting, ready to relay.
 struct Greeted {
     upstream: TcpStream,
-    /// Early bytes of an observed early talker, owed to the upstream.
+    /// Early bytes of an early talker let through, owed to the upstream.
     early: Vec<u8>,
     /// Upstream bytes that followed its banner, owed to the client.
     upstream_rest: Vec<u8>,
+    /// What the greeting's tests decided for the rest of the session.
+    action: Action,
 }
 
 /// Where the upstream connection stands during the greeting.
@@ -290,20 +412,22 @@ async fn greet(
     client: &mut TcpStream,
     dst: SocketAddr,
     started: Instant,
+    hold: Hold,
     record: &mut Record,
 ) -> Option<Greeted> {
     let config = &runtime.config;
     let peer = record.client;
     let greet = &config.greet;
-    let deadline = started + greet.delay.0;
-    let connect_at = match greet.upstream_connect {
-        UpstreamConnect::Eager => started,
-        UpstreamConnect::Lazy => deadline
-            .checked_sub(greet.connect_lead.0)
-            .map_or(started, |t| t.max(started)),
+    let deadline = started + hold.delay;
+    let connect_at = if hold.eager {
+        started
+    } else {
+        deadline
+            .checked_sub(hold.lead)
+            .map_or(started, |t| t.max(started))
     };
 
-    if greet.challenge {
+    if hold.challenge {
         let line = challenge_line(&config.hostname);
         record.bytes_down += write_reply(client, &line).await;
     }
@@ -338,7 +462,7 @@ async fn greet(
                     client_open = false;
                     continue;
                 }
-                let observe = config.pregreet.action == PregreetAction::Observe;
+                let observe = !config.pregreet.action.ends_session();
                 match read_early(client, &mut watch, observe.then_some(&mut early)) {
                     ClientRead::WouldBlock => continue,
                     ClientRead::Closed => {
@@ -363,21 +487,30 @@ async fn greet(
                                 event.first_bytes
                             );
                             shared.metrics.detections.with_label_values(&["pregreet"]).inc();
-                            record.test = "pregreet";
+                            record.fired("pregreet");
                         }
                     }
                 }
-                let (verdict, label) = match config.pregreet.action {
-                    PregreetAction::Observe => continue,
-                    PregreetAction::Reject => (Verdict::Reject, "reject"),
-                    PregreetAction::Drop => (Verdict::Drop, "drop"),
+                let action = config.pregreet.action;
+                let (verdict, label) = match action {
+                    Action::Reject => (Verdict::Reject, "reject"),
+                    Action::Drop => (Verdict::Drop, "drop"),
+                    Action::Tempfail => (Verdict::Tempfail, "tempfail"),
+                    _ => continue,
                 };
-                if verdict == Verdict::Reject {
-                    let reply = pregreet_reject_reply(&config.hostname);
+                shared.count_action(action);
+                let reply = match action {
+                    Action::Reject => Some(pregreet_reject_reply(&config.hostname)),
+                    Action::Tempfail => Some(tempfail_reply(&config.hostname)),
+                    _ => None,
+                };
+                if let Some(reply) = reply {
                     record.bytes_down += write_reply(client, &reply).await;
                     discard_pending(client);
                 }
-                shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
+                if action != Action::Tempfail {
+                    shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
+                }
                 record.verdict = verdict;
                 record.end = "closed";
                 shared.metrics.greet_held_seconds.with_label_values(&[label])
@@ -412,7 +545,7 @@ async fn greet(
         Some(reply) => UpstreamGreeting::Replied(reply),
         None => UpstreamGreeting::Failed,
     };
-    let plan = plan_greeting(greeting, greet.challenge, &config.hostname);
+    let plan = plan_greeting(greeting, hold.challenge, &config.hostname);
     record.bytes_down += write_reply(client, &plan.to_client).await;
 
     if let Some(refusal) = plan.deferred_refusal {
@@ -421,18 +554,24 @@ async fn greet(
         }
         Box::pin(refuse_at_first_command(client, &refusal, runtime, record)).await;
         record.verdict = Verdict::Tempfail;
-        record.test = "upstream";
+        record.fired("upstream");
         return None;
     }
+    let action = if watch.current().is_some() {
+        config.pregreet.action
+    } else {
+        Action::Observe
+    };
     match stream {
         Some(upstream) if !plan.close => Some(Greeted {
             upstream,
             early,
             upstream_rest: rest,
+            action,
         }),
         _ => {
             record.verdict = Verdict::Tempfail;
-            record.test = "upstream";
+            record.fired("upstream");
             record.end = "closed";
             None
         }
@@ -516,9 +655,7 @@ fn hangup(shared: &Shared, record: &mut Record, started: Instant) {
         .with_label_values(&["hangup"])
         .observe(after);
     record.verdict = Verdict::Hangup;
-    if record.test == "none" {
-        record.test = "hangup";
-    }
+    record.fired("hangup");
     record.end = "client";
 }
 
@@ -597,7 +734,9 @@ async fn relay(
         &shared.relay_counters,
     )
     .await;
-    record.verdict = Verdict::Pass;
+    if record.verdict == Verdict::Error {
+        record.verdict = Verdict::Pass;
+    }
     let stats = match &result {
         Ok(stats) => *stats,
         Err(e) => e.stats(),
@@ -619,7 +758,7 @@ async fn relay(
 
 /// Writes one of our own replies; returns the bytes written. A client that
 /// does not take a few hundred bytes within the timeout is not waited for.
-async fn write_reply(client: &mut TcpStream, reply: &[u8]) -> u64 {
+pub async fn write_reply(client: &mut TcpStream, reply: &[u8]) -> u64 {
     match timeout(WRITE_TIMEOUT, client.write_all(reply)).await {
         Ok(Ok(())) => reply.len() as u64,
         _ => 0,
@@ -629,7 +768,7 @@ async fn write_reply(client: &mut TcpStream, reply: &[u8]) -> u64 {
 /// Reads and forgets what the client already sent, so that closing does
 /// not turn into a reset that could destroy our last reply in flight
 /// (a socket closed with unread data sends RST, not FIN).
-fn discard_pending(client: &TcpStream) {
+pub fn discard_pending(client: &TcpStream) {
     let mut sink = [0u8; 4096];
     for _ in 0..16 {
         match client.try_read(&mut sink) {
@@ -641,7 +780,7 @@ fn discard_pending(client: &TcpStream) {
 
 /// Says QUIT to an upstream we no longer need and waits briefly for it to
 /// close, so the MTA logs a clean disconnect rather than a lost connection.
-async fn quit_upstream(mut stream: TcpStream) {
+pub async fn quit_upstream(mut stream: TcpStream) {
     let polite = async {
         stream.write_all(b"QUIT\r\n").await?;
         let mut sink = [0u8; 512];
@@ -670,6 +809,7 @@ mod tests {
             Config::default(),
             Metrics::new().unwrap(),
             vec![addr],
+            None,
         ));
         let session = run(shared, stream, peer);
         let size = std::mem::size_of_val(&session);
