@@ -338,6 +338,29 @@ def check_config(*args: str, config: Path | None = None, timeout=20):
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+ACTION_NAMES = {"pass", "observe", "reject", "drop", "tempfail", "tarpit", "tag", "quarantine", "discard"}
+_defaults: dict | None = None
+
+
+def default_config() -> dict:
+    """The binary's own defaults, as `check-config` prints them."""
+    global _defaults
+    if _defaults is None:
+        import tomllib
+        out = check_config()
+        assert out.returncode == 0, out.stderr
+        _defaults = tomllib.loads(out.stdout)
+    return _defaults
+
+
+def observe_every_other_test() -> dict:
+    """Overrides that set every per-test action the binary knows besides the
+    pregreet one (pipelining, early data, ... from later issues) to observe,
+    so a story about the pregreet action is not decided by another test."""
+    actions = default_config().get("actions", {})
+    return {f"actions.{k}": "observe" for k, v in actions.items() if isinstance(v, str) and v in ACTION_NAMES}
+
+
 def listening(pid: int, port: int) -> bool:
     return port in listening_ports(pid)
 

@@ -13,8 +13,9 @@ EHLO = b"EHLO bot.example.test\r\n"
 def clean_session(guard, source):
     c = RawClient("127.0.0.1", guard.port, source=source)
     c.read_reply()
+    assert c.command(b"EHLO clean.example.test\r\n").code == 250
+    assert c.command(b"QUIT\r\n").code == 221
     sent = b"EHLO clean.example.test\r\nQUIT\r\n"
-    c.send(sent)
     c.read_until_closed()
     c.close()
     return c, sent
