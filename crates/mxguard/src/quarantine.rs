@@ -26,7 +26,6 @@
 
 // The session's `quarantine` action (issue 3) is being wired up alongside;
 // until it calls the writer, only the tests do. Remove once it does.
-#![cfg_attr(not(test), allow(dead_code))]
 
 mod cli;
 mod id;

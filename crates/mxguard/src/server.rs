@@ -220,17 +220,17 @@ pub async fn run(
         None => None,
     };
 
-    let quarantine = match Quarantine::open(&config.quarantine) {
-        Ok(q) => Some(q),
-        Err(e) if config.uses_quarantine() => {
-            return Err(anyhow::anyhow!(
+    // Opened only when some action needs it: a guard that never
+    // quarantines creates no directory.
+    let quarantine = if config.uses_quarantine() {
+        let q = Quarantine::open(&config.quarantine).map_err(|e| {
+            anyhow::anyhow!(
                 "quarantine is an action in the config but its store cannot be opened: {e}"
-            ));
-        }
-        Err(e) => {
-            tracing::debug!("quarantine store not available: {e}");
-            None
-        }
+            )
+        })?;
+        Some(q)
+    } else {
+        None
     };
     let shared = Arc::new(Shared::new(
         config.clone(),
@@ -320,6 +320,11 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>, overrides: &Overrides
                 ("admin.listen", old.config.admin.listen != new.admin.listen),
                 ("log", old.config.log != new.log),
             ];
+            if new.uses_quarantine() && shared.quarantine.is_none() {
+                tracing::warn!(
+                    "reload: quarantine is now an action but its store opens at start: restart to use it (until then such mail gets 451)"
+                );
+            }
             for (key, changed) in needs_restart {
                 if changed {
                     tracing::warn!("reload: `{key}` changed; it takes effect at restart");

@@ -12,6 +12,7 @@
 
 use std::io;
 
+use mxguard_net::{Direction, RelayMode, RelayObserver};
 use mxguard_policy::action::Action;
 use mxguard_policy::Verdict;
 use mxguard_smtp::{
@@ -142,7 +143,14 @@ pub async fn watch(
         }
         // Write what may be written now, without waiting.
         let now = Instant::now();
-        match flush(&mut w.tracker, client, upstream, now, w.record) {
+        match flush(
+            &mut w.tracker,
+            client,
+            upstream,
+            now,
+            w.record,
+            &shared.relay_counters,
+        ) {
             Ok(true) => last_activity = now,
             Ok(false) => {}
             Err(_) => {
@@ -232,12 +240,14 @@ fn flush(
     upstream: &TcpStream,
     now: Instant,
     record: &mut Record,
+    counters: &dyn RelayObserver,
 ) -> io::Result<bool> {
     let mut moved = false;
     while !tracker.upstream_output().is_empty() {
         match upstream.try_write(tracker.upstream_output()) {
             Ok(n) => {
                 tracker.upstream_written(n);
+                counters.relayed(RelayMode::Copy, Direction::Upstream, n as u64);
                 moved = true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -249,6 +259,7 @@ fn flush(
             Ok(n) => {
                 tracker.client_written(now.into_std(), n);
                 record.bytes_down += n as u64;
+                counters.relayed(RelayMode::Copy, Direction::Downstream, n as u64);
                 moved = true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -77,12 +77,14 @@ impl QuarantineWriter {
     }
 
     /// Message bytes stored so far.
+    #[cfg(test)]
     pub fn written(&self) -> u64 {
         self.written
     }
 
     /// Whether the message outgrew `max_message_size`: commit will fail
     /// with [`QuarantineError::TooLarge`].
+    #[cfg(test)]
     pub fn is_over_limit(&self) -> bool {
         self.over_limit
     }
@@ -211,6 +213,7 @@ impl AsyncQuarantineWriter {
     }
 
     /// The id the message will have once committed.
+    #[cfg(test)]
     pub fn id(&self) -> &QuarantineId {
         &self.id
     }
