@@ -115,6 +115,46 @@ impl Limiter {
         }
     }
 
+    /// Applies a reloaded configuration without forgetting the state:
+    /// buckets of a scope that stays keep what each key has used (under
+    /// the new quota), open connections stay counted so their permits
+    /// release correctly. A scope that goes loses its state; a new one
+    /// starts empty. `max_tracked_keys` applies to tables created from now
+    /// on.
+    pub fn reconfigure(&mut self, config: &LimiterConfig) {
+        let max = config.max_tracked_keys;
+        self.address = match (self.address.take(), config.address) {
+            (Some(mut buckets), Some(quota)) => {
+                buckets.set_quota(quota);
+                Some(buckets)
+            }
+            (_, quota) => quota.map(|q| TokenBuckets::new(q, max)),
+        };
+        let mut old = std::mem::take(&mut self.prefixes);
+        self.prefixes = config
+            .prefixes
+            .iter()
+            .map(|p| {
+                let buckets = match old.iter().position(|(len, _)| *len == p.length) {
+                    Some(i) => {
+                        let (_, mut buckets) = old.swap_remove(i);
+                        buckets.set_quota(p.quota);
+                        buckets
+                    }
+                    None => TokenBuckets::new(p.quota, max),
+                };
+                (p.length, buckets)
+            })
+            .collect();
+        self.connections = match (self.connections.take(), config.max_connections_per_address) {
+            (Some(mut conns), Some(cap)) => {
+                conns.set_cap(cap);
+                Some(conns)
+            }
+            (_, cap) => cap.map(|cap| ConnectionCounts::new(cap, max)),
+        };
+    }
+
     /// Decides on a new connection from `ip` at `now`: checks the
     /// connection cap, then the address bucket, then the prefix buckets in
     /// configured order, and reports the first limit hit. Only when none is
@@ -375,6 +415,41 @@ mod tests {
             connect(&mut l, "192.0.2.1", t0).unwrap_err().kind,
             LimitKind::Rate
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_what_clients_have_used_and_open_connections() {
+        let t0 = Instant::now();
+        let mut l = limiter();
+        let Admission::Admitted(held) = l.admit(ip("192.0.2.1"), t0) else {
+            panic!("refused")
+        };
+        for _ in 0..2 {
+            assert!(connect(&mut l, "192.0.2.1", t0).is_ok());
+        }
+        // A reload raises the address burst to 4 and the cap to 3.
+        let mut config = LimiterConfig {
+            address: Some(Quota::per_second(1.0, 4).unwrap()),
+            prefixes: vec![PrefixQuota {
+                length: PrefixLength::v4(24).unwrap(),
+                quota: Quota::per_second(1.0, 5).unwrap(),
+            }],
+            max_connections_per_address: Some(3),
+            max_tracked_keys: 1000,
+        };
+        l.reconfigure(&config);
+        // Three used of four: one more, not a fresh burst.
+        assert!(connect(&mut l, "192.0.2.1", t0).is_ok());
+        assert_eq!(
+            connect(&mut l, "192.0.2.1", t0).unwrap_err().scope,
+            Scope::Address
+        );
+        assert_eq!(l.connections(ip("192.0.2.1")), 1);
+        // Dropping the cap drops the count; the held permit still releases.
+        config.max_connections_per_address = None;
+        l.reconfigure(&config);
+        l.release(held);
+        assert_eq!(l.connections(ip("192.0.2.1")), 0);
     }
 
     #[test]

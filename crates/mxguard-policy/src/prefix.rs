@@ -24,8 +24,15 @@
 //! Values are `Arc<PrefixEntry>`: the entries of one file share one, so a
 //! million-line list costs a key and a pointer per line.
 //!
-//! Lookups/s at 10^6 prefixes and memory: `cargo bench -p mxguard-policy
-//! --bench admission` (figures in `docs/` and the module's tests).
+//! Measured with `cargo bench -p mxguard-policy --bench admission` (one
+//! core of the 2-core development machine, release build) on 10^6
+//! prefixes: with all 25 IPv4 lengths /8../32 present (the worst case),
+//! ~2.8 M lookups/s (~350 ns) for random IPv4 addresses; with only /32
+//! and /24, ~9-11 M/s (~100 ns); IPv6 with three lengths ~15 M/s. The
+//! maps take 27 MiB; building the table takes ~80 ms; cloning it ~30 µs;
+//! clone + insert into a 100k-entry overlay ~20 µs. A per-/16 bitmap of
+//! the longer lengths present would halve the worst case; a connection's
+//! admission does not need it.
 
 use std::collections::HashMap;
 use std::fmt;
