@@ -14,6 +14,7 @@ mod metrics;
 mod quarantine;
 mod server;
 mod session;
+mod sessions;
 mod watch;
 
 use std::path::PathBuf;

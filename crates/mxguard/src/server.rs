@@ -24,6 +24,7 @@ use crate::config::{Config, Mode, Overrides};
 use crate::intercept::{self, OriginalDestination};
 use crate::metrics::Metrics;
 use crate::quarantine::Quarantine;
+use crate::sessions::SessionTable;
 
 /// Per-session settings, swapped whole on reload.
 pub struct Runtime {
@@ -47,6 +48,7 @@ pub struct Shared {
     /// Where quarantined mail goes; `None` when it cannot be opened (then a
     /// message to quarantine gets a 451, never a 250).
     pub quarantine: Option<Quarantine>,
+    pub sessions: SessionTable,
     blocklist: Mutex<Blocklist>,
     /// Addresses that passed every test lately.
     passed: Mutex<Blocklist>,
@@ -70,6 +72,7 @@ impl Shared {
             relay_counters,
             listen_addrs,
             quarantine,
+            sessions: SessionTable::default(),
             blocklist: Mutex::new(blocklist),
             passed: Mutex::new(passed),
             live: AtomicUsize::new(0),

@@ -66,10 +66,10 @@ pub fn tracker_config(config: &Config, delays: bool) -> TrackerConfig {
 }
 
 /// The state of one watched session.
-struct Watcher<'a> {
+struct Watcher<'a, 'r> {
     shared: &'a Shared,
     runtime: &'a Runtime,
-    record: &'a mut Record,
+    record: &'a mut Record<'r>,
     tracker: TurnTracker,
     /// The strongest action taken so far.
     action: Action,
@@ -98,7 +98,7 @@ pub async fn watch(
     upstream_rest: Vec<u8>,
     initial: Action,
     delays: bool,
-    record: &mut Record,
+    record: &mut Record<'_>,
 ) -> WatchEnd {
     let config = &runtime.config;
     let now = Instant::now();
@@ -239,7 +239,7 @@ fn flush(
     client: &TcpStream,
     upstream: &TcpStream,
     now: Instant,
-    record: &mut Record,
+    record: &mut Record<'_>,
     counters: &dyn RelayObserver,
 ) -> io::Result<bool> {
     let mut moved = false;
@@ -273,7 +273,7 @@ fn tempfail_line(hostname: &str) -> Vec<u8> {
     format!("421 4.3.0 {hostname} Error: try again later\r\n").into_bytes()
 }
 
-impl Watcher<'_> {
+impl Watcher<'_, '_> {
     /// Handles what the tracker noticed.
     async fn events(&mut self, client: &mut TcpStream) -> Next {
         while let Some(event) = self.tracker.poll_event() {
