@@ -177,7 +177,8 @@ mod tests {
         let views = table.snapshot();
         assert_eq!(views.len(), 1);
         assert_eq!(views[0].client, client);
-        assert_eq!(views[0].phase, SessionPhase::Watch);
+        assert_eq!(views[0].phase.as_str(), "watch");
+        assert_eq!(table.len(), 1);
         assert_eq!(views[0].tests, ["pregreet", "pipelining"]);
         drop(handle);
         assert!(table.snapshot().is_empty());
