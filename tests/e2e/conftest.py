@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -47,7 +48,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "time_limit(seconds): per-test wall clock limit (default 60)")
 
 
+KEEP_RUNS = 5
+
+
+def _prune_old_runs(base: Path) -> None:
+    """Keep the last few runs' files (logs, dumps, maillogs) for post-mortems."""
+    runs = sorted(p for p in base.glob("run-*") if p.is_dir() and p != RUN_DIR)
+    for old in runs[: max(0, len(runs) - (KEEP_RUNS - 1))]:
+        tag = old.name.rsplit("-", 1)[-1]
+        shutil.rmtree(Path(f"/tmp/mxg-{tag}"), ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def pytest_sessionstart(session):
+    _prune_old_runs(RUN_DIR.parent)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     # Postfix and smtp-sink drop privileges; they must be able to walk in.
     for d in (RUN_DIR, RUN_DIR.parent):

@@ -564,7 +564,7 @@ class PostfixSender(PostfixInstance):
     own smtp client bound to `bind`; no listener of its own."""
 
     def __init__(self, workdir: Path, relay: str, bind="127.0.0.4", name="sender", ns=None,
-                 hostname=f"sender.{TEST_DOMAIN}"):
+                 hostname=f"sender.{TEST_DOMAIN}", extra_main: dict | None = None):
         main = {
             "myhostname": hostname,
             "mydomain": f"sender.{TEST_DOMAIN}",
@@ -579,6 +579,7 @@ class PostfixSender(PostfixInstance):
             "minimal_backoff_time": "1s",
             "queue_run_delay": "1s",
         }
+        main.update(extra_main or {})
         super().__init__(workdir, name, main, ns=ns)
 
     def send(self, msg: Message):
@@ -600,6 +601,101 @@ class PostfixSender(PostfixInstance):
             self.flush()
             return False
         wait_until(sent, timeout, f"{count} status=sent in {self.maillog}", interval=0.5)
+
+    def smtp_transcript(self) -> list[tuple[str, str]]:
+        """The smtp client's side of each conversation, `> CMD` and `< REPLY`
+        in the order they happened; needs `extra_main={"debug_peer_list":
+        "127.0.0.0/8"}` (Postfix logs them only at debug level). Pipelined
+        commands show up as several `>` lines before their `<` replies."""
+        return re.findall(r"/smtp\[\d+\]: ([<>]) \S+:\d+: (.*)$", self.log(), re.M)
+
+
+EXIM = "/usr/sbin/exim4"
+
+
+def exim_unavailable() -> str | None:
+    """Why Exim cannot run here (tests/install-deps.sh unpacks it next to
+    Postfix), or None."""
+    if not os.access(EXIM, os.X_OK):
+        return f"{EXIM} not installed (run tests/install-deps.sh)"
+    try:
+        pwd.getpwnam("Debian-exim")
+    except KeyError:
+        return "user Debian-exim missing (run tests/install-deps.sh)"
+    return None
+
+
+@dataclass
+class EximResult:
+    rc: int
+    transcript: str  # `exim4 -v`: the SMTP dialogue, "SMTP>>", "SMTP|>", "SMTP<<"
+
+    @property
+    def cmdlog(self) -> list[str]:
+        """Exim's own summary of each connection, e.g. ['220', 'EHLO',
+        '250-', 'MAIL|', 'RCPT|', 'DATA', ...]: a `|` marks a command held
+        back to be pipelined with the next one."""
+        m = re.findall(r"^cmdlog: '([^']*)'", self.transcript, re.M)
+        return [item for line in m for item in line.split(":")]
+
+
+class EximSender:
+    """Exim 4 as a sending MTA: `exim4 -C CONF -odi -v` delivers each message
+    in the foreground to HOST:PORT over one `manualroute` router and an
+    `smtp` transport bound to `bind`, without TLS. Exim pipelines MAIL, RCPT
+    and DATA when PIPELINING is offered, and sends BDAT when CHUNKING is."""
+
+    def __init__(self, workdir: Path, host: str, port: int, bind="127.0.0.5", name="exim",
+                 hostname=f"exim.sender.{TEST_DOMAIN}", transport_options=()):
+        self.dir = workdir / name
+        (self.dir / "spool").mkdir(parents=True)
+        (self.dir / "log").mkdir()
+        os.chmod(self.dir / "log", 0o777)
+        pw = pwd.getpwnam("Debian-exim")
+        os.chown(self.dir / "spool", pw.pw_uid, pw.pw_gid)
+        self.conf = self.dir / "exim.conf"
+        options = "\n".join(f"  {o}" for o in transport_options)
+        self.conf.write_text(f"""\
+primary_hostname = {hostname}
+spool_directory = {self.dir}/spool
+log_file_path = {self.dir}/log/%slog
+exim_user = Debian-exim
+exim_group = Debian-exim
+never_users =
+trusted_users = root
+keep_environment =
+# no Received: of its own, so what the MTA stores can be compared
+received_header_text =
+begin routers
+to_guard:
+  driver = manualroute
+  domains = *
+  route_list = * {host}
+  self = send
+  transport = to_guard_smtp
+  no_more
+begin transports
+to_guard_smtp:
+  driver = smtp
+  port = {port}
+  interface = {bind}
+  hosts_avoid_tls = *
+  allow_localhost
+{options}
+begin retry
+* * F,1m,10s
+""")
+
+    def send(self, msg: Message, timeout=30) -> EximResult:
+        proc = run([EXIM, "-C", str(self.conf), "-odi", "-oi", "-v", "-f", msg.sender, msg.rcpt],
+                   input=msg.data.replace(b"\r\n", b"\n"), check=False, timeout=timeout)
+        return EximResult(proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace"))
+
+    def mainlog(self) -> str:
+        try:
+            return (self.dir / "log" / "mainlog").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
 
 # --------------------------------------------------------------------------
