@@ -116,6 +116,7 @@ pub struct Config {
     pub actions: Actions,
     pub pass_cache: PassCache,
     pub allowlist: Allowlist,
+    pub lists: ListsConfig,
     pub limits: Limits,
     pub admin: Admin,
     pub log: Log,
@@ -224,6 +225,19 @@ pub struct Allowlist {
     pub networks: Vec<IpNet>,
 }
 
+/// Allow and block CIDR files (docs/limits.md): one prefix or address a
+/// line, `#` comments. Re-read on SIGHUP and when a file changes; a bad
+/// file keeps the lists in force and the error names the file and line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListsConfig {
+    pub allow_files: Vec<PathBuf>,
+    pub block_files: Vec<PathBuf>,
+    /// How often the files' modification times are checked (0s: only on
+    /// SIGHUP).
+    pub watch_interval: Dur,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Intercept {
@@ -275,6 +289,19 @@ pub struct Admin {
     /// `""` disables the admin listener.
     #[serde(with = "optional_addr")]
     pub listen: Option<SocketAddr>,
+    /// Bearer tokens for the API, one per line (`NAME:SECRET`, or a bare
+    /// `SECRET` named `admin`). Unset: the `/api/v1` routes and `/readyz`
+    /// are off; only `/healthz` and `/metrics` answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Where `/readyz` checks that the MTA answers a TCP connect. Unset:
+    /// `intercept.upstream` in fixed mode; no check in the other modes.
+    #[serde(
+        with = "optional_addr",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub ready_probe: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +310,10 @@ pub struct Log {
     pub format: LogFormat,
     /// A tracing filter: `info`, `debug`, `mxguard=debug,warn`.
     pub level: String,
+    /// The JSON-lines event log (one line per verdict and per admin
+    /// action). Unset: no event log. Reopened on SIGHUP (rotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<PathBuf>,
 }
 
 /// Where `quarantine` keeps suspect mail (docs/quarantine.md).
@@ -309,10 +340,21 @@ impl Default for Config {
             actions: Actions::default(),
             pass_cache: PassCache::default(),
             allowlist: Allowlist::default(),
+            lists: ListsConfig::default(),
             limits: Limits::default(),
             admin: Admin::default(),
             log: Log::default(),
             quarantine: Quarantine::default(),
+        }
+    }
+}
+
+impl Default for ListsConfig {
+    fn default() -> Self {
+        Self {
+            allow_files: Vec::new(),
+            block_files: Vec::new(),
+            watch_interval: Dur::secs(2),
         }
     }
 }
@@ -433,6 +475,8 @@ impl Default for Admin {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9425))),
+            token_file: None,
+            ready_probe: None,
         }
     }
 }
@@ -442,6 +486,7 @@ impl Default for Log {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            events: None,
         }
     }
 }
@@ -736,6 +781,17 @@ impl Config {
         }
         if self.quarantine.max_message_size == 0 {
             return bad("quarantine.max_message_size", "must be at least 1".into());
+        }
+        for (key, path) in [
+            ("admin.token_file", &self.admin.token_file),
+            ("log.events", &self.log.events),
+        ] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_absolute()) {
+                return bad(
+                    key,
+                    format!("`{}` must be an absolute path", path.display()),
+                );
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad(

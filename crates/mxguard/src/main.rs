@@ -9,6 +9,7 @@ mod admin;
 mod config;
 mod demo;
 mod intercept;
+mod lists;
 mod logging;
 mod metrics;
 mod quarantine;

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use mxguard_policy::Blocklist;
+use ipnet::IpNet;
+use mxguard_policy::{Blocklist, EntrySource};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Mode, Overrides};
 use crate::intercept::{self, OriginalDestination};
+use crate::lists::{DynamicRecord, ListFiles, ListKind, Lists};
 use crate::metrics::Metrics;
 use crate::quarantine::Quarantine;
 use crate::sessions::SessionTable;
@@ -49,7 +51,8 @@ pub struct Shared {
     /// message to quarantine gets a 451, never a 250).
     pub quarantine: Option<Quarantine>,
     pub sessions: SessionTable,
-    blocklist: Mutex<Blocklist>,
+    /// Allow/block files and the dynamic overlay (`lists`).
+    pub lists: Lists,
     /// Addresses that passed every test lately.
     passed: Mutex<Blocklist>,
     live: AtomicUsize,
@@ -63,7 +66,12 @@ impl Shared {
         listen_addrs: Vec<SocketAddr>,
         quarantine: Option<Quarantine>,
     ) -> Self {
-        let blocklist = Blocklist::new(config.limits.blocklist_max);
+        let lists = Lists::new(config.limits.blocklist_max);
+        if let Err(e) = lists.load_files(&ListFiles::from_config(&config)) {
+            // `run` checks the files before it gets here; a unit test's
+            // defaults have none.
+            tracing::error!("lists: {e}");
+        }
         let passed = Blocklist::new(config.pass_cache.max_entries.max(1));
         let relay_counters = RelayCounters::new(&metrics);
         Self {
@@ -73,44 +81,64 @@ impl Shared {
             listen_addrs,
             quarantine,
             sessions: SessionTable::default(),
-            blocklist: Mutex::new(blocklist),
+            lists,
             passed: Mutex::new(passed),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
         }
     }
 
-    pub fn is_blocked(&self, ip: IpAddr) -> bool {
-        let now = Instant::now().into_std();
-        self.blocklist.lock().lookup(ip, now).is_some()
+    /// What the allow/block lists say about `ip`: lock-free.
+    pub fn listed(&self, ip: IpAddr) -> Option<ListKind> {
+        self.lists.classify_kind(ip)
     }
 
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        self.listed(ip) == Some(ListKind::Block)
+    }
+
+    /// A detection blocks `ip` for `ttl` (0s: not at all). Recorded in the
+    /// state store within its flush window, and shared with the fleet.
     pub fn block(&self, ip: IpAddr, ttl: Duration, reason: &'static str) {
-        let now = Instant::now().into_std();
-        let mut list = self.blocklist.lock();
-        list.insert(ip, now, ttl, reason);
-        self.metrics.blocklist_entries.set(list.len() as i64);
+        if ttl.is_zero() {
+            return;
+        }
+        let now = crate::lists::unix_now();
+        let record = DynamicRecord {
+            net: IpNet::from(mxguard_policy::canonical_ip(ip)),
+            kind: ListKind::Block,
+            source: EntrySource::Detection,
+            reason: reason.to_string(),
+            added_by: None,
+            since_unix_ms: crate::lists::millis(now),
+            until_unix_ms: Some(crate::lists::millis(now.saturating_add(ttl))),
+        };
+        match self.lists.add(record, false) {
+            Ok(Some(_)) => self.lists_changed(),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("blocklist: cannot add {ip}: {e}"),
+        }
+    }
+
+    /// The lists changed: refresh what follows them.
+    pub fn lists_changed(&self) {
+        self.metrics
+            .blocklist_entries
+            .set_dynamic(self.lists.dynamic_len() as i64);
     }
 
     fn purge_blocklist(&self) {
         let now = Instant::now().into_std();
-        let mut list = self.blocklist.lock();
-        list.purge(now);
-        self.metrics.blocklist_entries.set(list.len() as i64);
-        drop(list);
+        let (removed, _) = self.lists.purge();
+        if removed > 0 {
+            self.lists_changed();
+        }
         self.passed.lock().purge(now);
     }
 
     /// Allowlisted: skips every test.
     pub fn is_allowlisted(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        let runtime = self.runtime.load();
-        runtime
-            .config
-            .allowlist
-            .networks
-            .iter()
-            .any(|net| net.contains(&ip))
+        self.listed(ip) == Some(ListKind::Allow)
     }
 
     /// Passed every test within the pass cache's TTL.
@@ -223,6 +251,9 @@ pub async fn run(
         None => None,
     };
 
+    crate::lists::read_files(&ListFiles::from_config(&config))
+        .map_err(|e| anyhow::anyhow!("lists: {e}"))?;
+
     // Opened only when some action needs it: a guard that never
     // quarantines creates no directory.
     let quarantine = if config.uses_quarantine() {
@@ -333,7 +364,15 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>, overrides: &Overrides
                     tracing::warn!("reload: `{key}` changed; it takes effect at restart");
                 }
             }
+            let files = ListFiles::from_config(&new);
             shared.runtime.store(Arc::new(Runtime::new(new)));
+            match shared.lists.load_files(&files) {
+                Ok(n) => {
+                    tracing::info!("lists: {n} entries from the list files");
+                    shared.lists_changed();
+                }
+                Err(e) => tracing::error!("lists: reload failed, keeping the old lists: {e}"),
+            }
             shared
                 .metrics
                 .config_reloads
@@ -348,6 +387,9 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>, overrides: &Overrides
                 .with_label_values(&["error"])
                 .inc();
             tracing::error!("reload failed, keeping the running config: {e}");
+            // The list files are re-read all the same: SIGHUP is also how
+            // an operator says "I edited a list".
+            let _ = shared.reload_lists();
         }
     }
 }
@@ -419,5 +461,23 @@ fn raise_nofile_limit() {
         },
         Ok((soft, _)) => tracing::debug!("descriptor limit {soft}"),
         Err(e) => tracing::warn!("cannot read the descriptor limit: {e}"),
+    }
+}
+
+/// The blocklist gauge is a plain gauge or one labelled by source,
+/// depending on the metrics module's version (being reworked alongside).
+trait ListGauge {
+    fn set_dynamic(&self, n: i64);
+}
+
+impl ListGauge for prometheus::IntGauge {
+    fn set_dynamic(&self, n: i64) {
+        self.set(n);
+    }
+}
+
+impl ListGauge for prometheus::IntGaugeVec {
+    fn set_dynamic(&self, n: i64) {
+        self.with_label_values(&["dynamic"]).set(n);
     }
 }
