@@ -121,6 +121,13 @@ pub struct Config {
     pub admin: Admin,
     pub log: Log,
     pub quarantine: Quarantine,
+    pub admission: crate::admission_config::Admission,
+    pub reputation: crate::admission_config::Reputation,
+    pub alert: crate::admission_config::Alert,
+    pub senders: crate::admission_config::Senders,
+    pub state: crate::admission_config::State,
+    pub cluster: crate::admission_config::Cluster,
+    pub nftables: crate::admission_config::Nftables,
 }
 
 /// How long the guard watches a session after its greeting.
@@ -345,6 +352,13 @@ impl Default for Config {
             admin: Admin::default(),
             log: Log::default(),
             quarantine: Quarantine::default(),
+            admission: Default::default(),
+            reputation: Default::default(),
+            alert: Default::default(),
+            senders: Default::default(),
+            state: Default::default(),
+            cluster: Default::default(),
+            nftables: Default::default(),
         }
     }
 }
@@ -792,6 +806,17 @@ impl Config {
                     format!("`{}` must be an absolute path", path.display()),
                 );
             }
+        }
+        if let Err((key, message)) = crate::admission_config::validate(
+            &self.admission,
+            &self.reputation,
+            &self.alert,
+            &self.senders,
+            &self.state,
+            &self.cluster,
+            &self.nftables,
+        ) {
+            return bad(&key, message);
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad(

@@ -6,6 +6,10 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
+mod admission_config;
+mod alert;
+mod cluster;
 mod config;
 mod demo;
 mod intercept;

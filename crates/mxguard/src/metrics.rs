@@ -184,6 +184,15 @@ impl Metrics {
         PhaseGuard { gauge }
     }
 
+    /// Registers a module's own series (admission control keeps its
+    /// series in `admission::AdmissionMetrics`).
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::admission::{AdmissionControl, AdmissionMetrics};
 use crate::config::{Config, Mode, Overrides};
 use crate::intercept::{self, OriginalDestination};
 use crate::lists::{DynamicRecord, ListFiles, ListKind, Lists};
@@ -53,6 +54,8 @@ pub struct Shared {
     pub sessions: SessionTable,
     /// Allow/block files and the dynamic overlay (`lists`).
     pub lists: Lists,
+    /// Rate and connection limits, reputation, sender limits (`admission`).
+    pub admission: AdmissionControl,
     /// Addresses that passed every test lately.
     passed: Mutex<Blocklist>,
     live: AtomicUsize,
@@ -67,6 +70,10 @@ impl Shared {
         quarantine: Option<Quarantine>,
     ) -> Self {
         let lists = Lists::new(config.limits.blocklist_max);
+        let admission = AdmissionControl::new(
+            &config,
+            AdmissionMetrics::new(&metrics).expect("admission series are registered once"),
+        );
         if let Err(e) = lists.load_files(&ListFiles::from_config(&config)) {
             // `run` checks the files before it gets here; a unit test's
             // defaults have none.
@@ -82,6 +89,7 @@ impl Shared {
             quarantine,
             sessions: SessionTable::default(),
             lists,
+            admission,
             passed: Mutex::new(passed),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -93,6 +101,7 @@ impl Shared {
         self.lists.classify_kind(ip)
     }
 
+    #[allow(dead_code)] // admission asks `listed`; kept for the admin API
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
         self.listed(ip) == Some(ListKind::Block)
     }
@@ -137,6 +146,7 @@ impl Shared {
     }
 
     /// Allowlisted: skips every test.
+    #[allow(dead_code)] // admission asks `listed`; kept for the admin API
     pub fn is_allowlisted(&self, ip: IpAddr) -> bool {
         self.listed(ip) == Some(ListKind::Allow)
     }
@@ -272,6 +282,7 @@ pub async fn run(
         listen_addrs.clone(),
         quarantine,
     ));
+    crate::admission::start(&shared, &config).await?;
     let admin_bound = admin_addr.as_ref().map(|(a, _)| *a);
     if let Some((_, listener)) = admin_addr {
         tokio::spawn(crate::admin::serve(
@@ -445,7 +456,10 @@ async fn purge_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.purge_blocklist(),
+            _ = tick.tick() => {
+                shared.purge_blocklist();
+                shared.admission.sweep();
+            }
             _ = shutdown.changed() => return,
         }
     }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mxguard_policy::action::Action;
-use mxguard_policy::Verdict;
+use mxguard_policy::{Limited, Verdict};
 use mxguard_smtp::{
     blocked_reply, challenge_line, closing_reply, find_line_end, plan_greeting,
     pregreet_reject_reply, tempfail_reply, PregreetWatch, Reply, ReplyReader, UpstreamGreeting,
@@ -40,6 +40,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
+use crate::admission::Gate;
+use crate::admission_config::OverLimit;
 use crate::config::{RelayMode, UpstreamConnect, Watch};
 use crate::intercept::{self, InterceptError};
 use crate::metrics::Phase;
@@ -190,24 +192,49 @@ async fn drive(
     record.orig_dst = Some(dst);
     record.live.set_orig_dst(dst);
 
-    if shared.is_blocked(peer.ip()) {
-        let reply = blocked_reply(&config.hostname, peer.ip());
-        record.bytes_down += write_reply(&mut client, &reply).await;
-        discard_pending(&client);
-        record.verdict = Verdict::Blocked;
-        record.fired("blocklist");
-        record.end = "closed";
-        return;
-    }
+    // Admission: lists, connection cap, rate limits (`admission`). The
+    // permit is held until the session ends.
+    let gate = shared.admission.admit(shared, runtime, peer.ip()).await;
+    let allowed = matches!(gate, Gate::Allowlisted);
+    let mut tarpit = false;
+    let _permit = match gate {
+        Gate::Blocked => {
+            let reply = blocked_reply(&config.hostname, peer.ip());
+            record.bytes_down += write_reply(&mut client, &reply).await;
+            discard_pending(&client);
+            record.verdict = Verdict::Blocked;
+            record.fired("blocklist");
+            record.end = "closed";
+            return;
+        }
+        Gate::Refused(limited, response) => {
+            refuse_over_limit(&mut client, config, peer, &limited, response, record).await;
+            return;
+        }
+        Gate::Allowlisted => None,
+        Gate::Admitted(permit) => Some(permit),
+        Gate::Tarpit(permit, limited) => {
+            log_limited(peer, &limited, OverLimit::Tarpit);
+            record.fired("ratelimit");
+            tarpit = true;
+            Some(permit)
+        }
+    };
 
     // Allowlisted clients skip every test; clients that passed before are
     // not delayed again.
-    let allowed = shared.is_allowlisted(peer.ip());
-    let known = !allowed && shared.passed_before(peer.ip());
+    let known = !allowed && !tarpit && shared.passed_before(peer.ip());
     if allowed {
         record.fired("allowlist");
     }
-    let hold = if allowed || known {
+    let hold = if tarpit {
+        // A tarpitted client waits longer for its greeting, on a timer:
+        // it costs us a descriptor and a few hundred bytes meanwhile.
+        Hold {
+            delay: config.admission.tarpit_greet_delay.0,
+            ..Hold::from(&config.greet)
+        }
+    } else if allowed || known {
         Hold::none()
     } else {
         Hold::from(&config.greet)
@@ -221,11 +248,14 @@ async fn drive(
         mut upstream,
         early,
         upstream_rest,
-        action,
+        mut action,
     }) = greeted
     else {
         return;
     };
+    if tarpit && action.strength() < Action::Tarpit.strength() {
+        action = Action::Tarpit;
+    }
 
     let _phase = shared.metrics.enter(Phase::Relay);
     if !allowed && config.turns.watch == Watch::Session {
@@ -284,6 +314,53 @@ async fn drive(
         record,
     ))
     .await;
+}
+
+fn log_limited(peer: SocketAddr, limited: &Limited, response: OverLimit) {
+    tracing::info!(
+        target: "mxguard::detect",
+        "LIMIT {} {} of {} from [{}]:{}: {}",
+        limited.kind.as_str(),
+        limited.scope,
+        limited.key,
+        peer.ip(),
+        peer.port(),
+        response.as_str()
+    );
+}
+
+/// A client over a limit that is not let in: 421 (retry later), 554, or
+/// blocklisted and told so.
+async fn refuse_over_limit(
+    client: &mut TcpStream,
+    config: &crate::config::Config,
+    peer: SocketAddr,
+    limited: &Limited,
+    response: OverLimit,
+    record: &mut Record<'_>,
+) {
+    log_limited(peer, limited, response);
+    let host = &config.hostname;
+    let what = match limited.kind {
+        mxguard_policy::LimitKind::Rate => "too many connections",
+        mxguard_policy::LimitKind::Concurrency => "too many concurrent connections",
+    };
+    let (reply, verdict) = match response {
+        OverLimit::Reject => (
+            format!("554 5.7.1 {host} Error: {what}\r\n").into_bytes(),
+            Verdict::Reject,
+        ),
+        OverLimit::Block => (blocked_reply(host, peer.ip()), Verdict::Blocked),
+        OverLimit::Tempfail | OverLimit::Tarpit => (
+            format!("421 4.7.0 {host} Error: {what}, try again later\r\n").into_bytes(),
+            Verdict::Tempfail,
+        ),
+    };
+    record.bytes_down += write_reply(client, &reply).await;
+    discard_pending(client);
+    record.verdict = verdict;
+    record.fired("ratelimit");
+    record.end = "closed";
 }
 
 /// How the greeting is held for this client.
@@ -497,6 +574,13 @@ async fn greet(
                             );
                             shared.metrics.detections.with_label_values(&["pregreet"]).inc();
                             record.fired("pregreet");
+                            shared.admission.add_points(
+                                shared,
+                                runtime,
+                                peer.ip(),
+                                config.reputation.detection_points,
+                                "pregreet",
+                            );
                         }
                     }
                 }

@@ -37,11 +37,13 @@ impl SessionPhase {
 }
 
 /// Every test name a session can carry, for the bitmask.
-pub const TESTS: [&str; 14] = [
+pub const TESTS: [&str; 16] = [
     "pregreet",
     "hangup",
     "blocklist",
     "allowlist",
+    "ratelimit",
+    "sender-limit",
     "upstream",
     "pipelining",
     "early-data",

@@ -317,6 +317,13 @@ impl Watcher<'_, '_> {
             .with_label_values(&[test])
             .inc();
         self.record.fired(test);
+        self.shared.admission.add_points(
+            self.shared,
+            self.runtime,
+            peer.ip(),
+            config.reputation.detection_points,
+            test,
+        );
         let action = config.actions.for_test(test);
         let smuggled =
             matches!(v, Violation::Smuggling(_)) && config.turns.smuggling == Smuggling::Reject;
