@@ -33,6 +33,9 @@ use crate::ehlo::{edit_ehlo_reply, EhloEdit, Offered};
 use crate::escape::escape_capped;
 use crate::reply::{ReplyError, ReplyReader};
 
+/// Our answer to DATA or RCPT while a diverted BDAT message is open.
+pub const BDAT_BUSY: &[u8] = b"503 5.5.1 Error: BDAT transaction in progress\r\n";
+
 /// How long to hold the upstream's reply to each kind of command.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReplyDelays {
@@ -207,6 +210,8 @@ pub enum Event {
     /// The diverted message is complete: store it, then call
     /// [`TurnTracker::divert_done`].
     DivertFinished,
+    /// The client abandoned the diverted message: drop what was stored.
+    DivertAborted,
     /// STARTTLS was accepted and its `220` delivered: the stream is TLS from
     /// here on; relay it blind.
     Blind,
@@ -259,8 +264,28 @@ impl Turn {
 #[derive(Debug)]
 struct Pending {
     turn: Turn,
-    /// The recipient of a RCPT, to remember if accepted.
-    rcpt: Option<String>,
+    /// The argument that counts if the MTA accepts: the HELO name, the
+    /// MAIL reverse-path, the RCPT recipient. The envelope follows the MTA's
+    /// replies, never the client's claims.
+    arg: Option<String>,
+    /// Our own reply to this turn (the MTA never saw it): released when
+    /// every earlier reply has gone, so replies stay in order.
+    local: Option<Vec<u8>>,
+}
+
+impl Pending {
+    fn of(turn: Turn) -> Self {
+        Self {
+            turn,
+            arg: None,
+            local: None,
+        }
+    }
+
+    /// A reply the client waits for from the MTA (not ours, not our RSET's).
+    fn is_upstream(&self) -> bool {
+        self.local.is_none() && self.turn != Turn::InternalRset
+    }
 }
 
 #[derive(Debug)]
@@ -291,6 +316,9 @@ enum ClientState {
     Chunk { remaining: u64, last: bool },
     /// A diverted message is complete; waiting for the caller to store it.
     AwaitDivert,
+    /// Waiting for every reply the MTA owes before deciding what the held
+    /// command (BDAT in a diverting session) means.
+    AwaitPending,
     /// TLS: nothing more to read here.
     Blind,
     /// A smuggled message was refused: nothing more is read.
@@ -317,6 +345,8 @@ pub struct TurnTracker {
     diverting: bool,
     /// The current message already got its tag header.
     tagged: bool,
+    /// A BDAT message is open (its first chunk went).
+    in_bdat: bool,
     offered: Offered,
     disposition: Disposition,
     tarpit: Duration,
@@ -355,6 +385,7 @@ impl TurnTracker {
             diverted: Vec::new(),
             diverting: false,
             tagged: false,
+            in_bdat: false,
             offered: Offered::default(),
             disposition: Disposition::Pass,
             tarpit: Duration::ZERO,
@@ -390,8 +421,40 @@ impl TurnTracker {
     fn waits_for_reply(&self) -> bool {
         matches!(
             self.client,
-            ClientState::AwaitReply(_) | ClientState::AwaitDivert
+            ClientState::AwaitReply(_) | ClientState::AwaitDivert | ClientState::AwaitPending
         )
+    }
+
+    /// The MTA still owes a reply the client waits for.
+    fn upstream_owes(&self) -> bool {
+        self.pending.iter().any(Pending::is_upstream)
+    }
+
+    /// Our own reply to `turn`, in its place after the MTA's owed replies.
+    fn local_reply(&mut self, now: Instant, bytes: Vec<u8>, turn: Turn) {
+        if self.upstream_owes() {
+            self.pending.push_back(Pending {
+                turn,
+                arg: None,
+                local: Some(bytes),
+            });
+        } else {
+            self.queue_reply(now, bytes, turn, false);
+        }
+    }
+
+    /// Releases our own replies that have come to the front.
+    fn release_locals(&mut self, now: Instant) {
+        while self.pending.front().is_some_and(|p| p.local.is_some()) {
+            if let Some(Pending {
+                turn,
+                local: Some(bytes),
+                ..
+            }) = self.pending.pop_front()
+            {
+                self.queue_reply(now, bytes, turn, false);
+            }
+        }
     }
 
     pub fn set_disposition(&mut self, disposition: Disposition) {
@@ -511,12 +574,11 @@ impl TurnTracker {
             return;
         }
         self.diverting = false;
+        self.in_bdat = false;
+        self.local_reply(now, reply, Turn::EndOfData);
+        // The MTA's transaction (MAIL, RCPT) is cleared; its reply is ours.
         self.to_upstream.extend_from_slice(b"RSET\r\n");
-        self.pending.push_back(Pending {
-            turn: Turn::InternalRset,
-            rcpt: None,
-        });
-        self.queue_reply(now, reply, Turn::EndOfData, false);
+        self.pending.push_back(Pending::of(Turn::InternalRset));
         self.envelope.mail_from = None;
         self.envelope.rcpt_to.clear();
         self.tagged = false;
@@ -566,6 +628,10 @@ impl TurnTracker {
                 ClientState::Command | ClientState::SaslLine => self.command_bytes(now, data),
                 ClientState::Body(_) => self.body_bytes(data),
                 ClientState::Chunk { .. } => self.chunk_bytes(data),
+                ClientState::AwaitPending => {
+                    self.held.extend_from_slice(data);
+                    data.len()
+                }
                 ClientState::AwaitReply(_) | ClientState::AwaitDivert => {
                     if self.held.is_empty() {
                         let turn = match &self.client {
@@ -607,16 +673,25 @@ impl TurnTracker {
             if complete {
                 self.line_overflow = false;
                 self.turn_checked = false;
-                self.pending.push_back(Pending {
-                    turn: Turn::Command(Verb::Unknown),
-                    rcpt: None,
-                });
+                if matches!(self.client, ClientState::SaslLine) {
+                    self.pending.push_back(Pending::of(Turn::SaslResponse));
+                    self.client = ClientState::AwaitReply(Turn::Command(Verb::Auth));
+                } else {
+                    self.pending
+                        .push_back(Pending::of(Turn::Command(Verb::Unknown)));
+                }
             }
             return take;
         }
         self.line.extend_from_slice(&data[..take]);
+        // RFC 4954 §4: a SASL response line may be up to 12288 octets.
+        let limit = if matches!(self.client, ClientState::SaslLine) {
+            self.cfg.max_command_line.max(12_288)
+        } else {
+            self.cfg.max_command_line
+        };
         if !complete {
-            if self.line.len() > self.cfg.max_command_line {
+            if self.line.len() > limit {
                 self.violation(Violation::LongLine {
                     len: self.line.len(),
                 });
@@ -625,7 +700,7 @@ impl TurnTracker {
             }
             return take;
         }
-        if self.line.len() > self.cfg.max_command_line {
+        if self.line.len() > limit {
             self.violation(Violation::LongLine {
                 len: self.line.len(),
             });
@@ -677,10 +752,7 @@ impl TurnTracker {
     fn command(&mut self, now: Instant, line: Vec<u8>) {
         if matches!(self.client, ClientState::SaslLine) {
             self.to_upstream.extend_from_slice(&line);
-            self.pending.push_back(Pending {
-                turn: Turn::SaslResponse,
-                rcpt: None,
-            });
+            self.pending.push_back(Pending::of(Turn::SaslResponse));
             self.client = ClientState::AwaitReply(Turn::Command(Verb::Auth));
             return;
         }
@@ -696,34 +768,55 @@ impl TurnTracker {
                 });
             }
         }
-        let mut rcpt = None;
+        if self.diverting && self.in_bdat {
+            // A diverted BDAT message is open: the MTA never saw it.
+            match verb {
+                Verb::Bdat => {
+                    self.bdat(now, line);
+                    return;
+                }
+                Verb::Rset | Verb::Ehlo | Verb::Helo | Verb::Lhlo | Verb::Quit => {
+                    self.abort_divert();
+                }
+                // The MTA's transaction stands at its recipients: DATA or
+                // another RCPT would find it open where the client's is not.
+                Verb::Data | Verb::Rcpt => {
+                    self.local_reply(now, BDAT_BUSY.to_vec(), Turn::Command(verb));
+                    return;
+                }
+                // Anything else the MTA answers as it would mid-BDAT (MAIL:
+                // nested; NOOP, VRFY, unknown verbs: as usual).
+                _ => {}
+            }
+        }
+        let mut arg = None;
         match verb {
             Verb::Ehlo | Verb::Helo | Verb::Lhlo => {
                 let name = line.get(5..).unwrap_or_default();
-                self.envelope = Envelope {
-                    helo: Some(String::from_utf8_lossy(name).trim().to_string()),
-                    ..Envelope::default()
-                };
+                arg = Some(String::from_utf8_lossy(name).trim().to_string());
                 self.tagged = false;
+                self.in_bdat = false;
             }
             Verb::Mail => {
-                self.envelope.mail_from = envelope_address(&line);
-                self.envelope.rcpt_to.clear();
-                self.tagged = false;
+                arg = envelope_address(&line);
+                // A new transaction gets its own tag; a MAIL inside an open
+                // BDAT message is nested, refused by the MTA, and changes
+                // nothing.
+                if !self.in_bdat {
+                    self.tagged = false;
+                }
             }
-            Verb::Rcpt => rcpt = envelope_address(&line),
+            Verb::Rcpt => arg = envelope_address(&line),
             Verb::Rset => {
-                self.envelope.mail_from = None;
-                self.envelope.rcpt_to.clear();
                 self.tagged = false;
+                self.in_bdat = false;
             }
             Verb::StartTls if self.disposition.needs_sight() => {
                 // A suspect session must stay in sight: no TLS.
-                self.queue_reply(
+                self.local_reply(
                     now,
                     b"454 4.7.0 TLS not available\r\n".to_vec(),
                     Turn::Command(verb),
-                    false,
                 );
                 return;
             }
@@ -742,7 +835,8 @@ impl TurnTracker {
         self.to_upstream.extend_from_slice(&line);
         self.pending.push_back(Pending {
             turn: Turn::Command(verb),
-            rcpt,
+            arg,
+            local: None,
         });
         match verb {
             Verb::Data => self.client = ClientState::AwaitReply(Turn::Command(Verb::Data)),
@@ -756,23 +850,20 @@ impl TurnTracker {
     /// take the message ourselves (some recipient was accepted) or let the
     /// MTA refuse the DATA.
     fn try_divert(&mut self, now: Instant) {
-        if self.pending.iter().any(|p| p.turn != Turn::InternalRset) {
+        if self.upstream_owes() {
             return;
         }
         if self.envelope.rcpt_to.is_empty() {
             self.diverting = false;
             self.to_upstream.extend_from_slice(b"DATA\r\n");
-            self.pending.push_back(Pending {
-                turn: Turn::Command(Verb::Data),
-                rcpt: None,
-            });
+            self.pending
+                .push_back(Pending::of(Turn::Command(Verb::Data)));
             return;
         }
-        self.queue_reply(
+        self.local_reply(
             now,
             b"354 End data with <CR><LF>.<CR><LF>\r\n".to_vec(),
             Turn::Command(Verb::Data),
-            false,
         );
         self.events.push_back(Event::DivertStarted);
         self.client = ClientState::Body(Box::new(BodyScanner::new(self.cfg.smuggling)));
@@ -785,50 +876,52 @@ impl TurnTracker {
         let Some((size, last)) = parse_bdat(&line) else {
             // Malformed: the MTA answers it; nothing follows it.
             self.to_upstream.extend_from_slice(&line);
-            self.pending.push_back(Pending {
-                turn: Turn::Command(Verb::Bdat),
-                rcpt: None,
-            });
+            self.pending
+                .push_back(Pending::of(Turn::Command(Verb::Bdat)));
             return;
         };
-        if self.disposition.diverts() {
-            if !self.diverting {
-                if self.envelope.rcpt_to.is_empty()
-                    && self.pending.iter().all(|p| p.turn == Turn::InternalRset)
-                {
-                    // Nobody to deliver to: let the MTA say so.
-                    self.forward_chunk_command(&line, last);
-                    self.client = ClientState::Chunk {
-                        remaining: size,
-                        last,
-                    };
-                    return;
-                }
+        if self.disposition.diverts() && !self.diverting {
+            if self.upstream_owes() {
+                // Which recipients were accepted decides what this chunk
+                // means: wait for the MTA's replies, holding the line.
+                let mut held = line;
+                held.append(&mut self.held);
+                self.held = held;
+                self.client = ClientState::AwaitPending;
+                return;
+            }
+            if !self.envelope.rcpt_to.is_empty() {
                 self.diverting = true;
+                self.in_bdat = true;
                 self.events.push_back(Event::DivertStarted);
             }
+        }
+        if self.diverting {
             if !last {
-                self.queue_reply(
+                self.local_reply(
                     now,
                     format!("250 2.0.0 {size} octets received\r\n").into_bytes(),
                     Turn::Chunk { last },
-                    false,
                 );
             }
             self.client = ClientState::Chunk {
                 remaining: size,
                 last,
             };
-            if size == 0 && last {
-                self.events.push_back(Event::DivertFinished);
-                self.client = ClientState::AwaitDivert;
+            if size == 0 {
+                self.chunk_done(last);
             }
             return;
         }
-        if let Disposition::Tag(header) = &self.disposition {
-            if !self.tagged {
+        let first = !self.in_bdat;
+        self.in_bdat = true;
+        let header = match &self.disposition {
+            Disposition::Tag(header) if first && !self.tagged => Some(header.clone()),
+            _ => None,
+        };
+        match header {
+            Some(header) => {
                 self.tagged = true;
-                let header = header.clone();
                 let rewritten = format!(
                     "BDAT {}{}\r\n",
                     size + header.len() as u64,
@@ -836,26 +929,45 @@ impl TurnTracker {
                 );
                 self.forward_chunk_command(rewritten.as_bytes(), last);
                 self.to_upstream.extend_from_slice(&header);
-                self.client = ClientState::Chunk {
-                    remaining: size,
-                    last,
-                };
-                return;
             }
+            None => self.forward_chunk_command(&line, last),
         }
-        self.forward_chunk_command(&line, last);
         self.client = ClientState::Chunk {
             remaining: size,
             last,
         };
+        if size == 0 {
+            self.chunk_done(last);
+        }
+    }
+
+    /// A BDAT chunk is complete.
+    fn chunk_done(&mut self, last: bool) {
+        if self.diverting && last {
+            self.events.push_back(Event::DivertFinished);
+            self.client = ClientState::AwaitDivert;
+            return;
+        }
+        if last {
+            self.tagged = false;
+            self.in_bdat = false;
+        }
+        self.client = ClientState::Command;
+    }
+
+    /// Drops a diverted message the client abandoned (RSET, EHLO, QUIT in
+    /// the middle of its chunks).
+    fn abort_divert(&mut self) {
+        self.diverting = false;
+        self.in_bdat = false;
+        self.tagged = false;
+        self.diverted.clear();
+        self.events.push_back(Event::DivertAborted);
     }
 
     fn forward_chunk_command(&mut self, line: &[u8], last: bool) {
         self.to_upstream.extend_from_slice(line);
-        self.pending.push_back(Pending {
-            turn: Turn::Chunk { last },
-            rcpt: None,
-        });
+        self.pending.push_back(Pending::of(Turn::Chunk { last }));
     }
 
     fn chunk_bytes(&mut self, data: &[u8]) -> usize {
@@ -873,15 +985,7 @@ impl TurnTracker {
             self.to_upstream.extend_from_slice(&data[..take]);
         }
         if done {
-            if self.diverting && last {
-                self.events.push_back(Event::DivertFinished);
-                self.client = ClientState::AwaitDivert;
-            } else {
-                if last {
-                    self.tagged = false;
-                }
-                self.client = ClientState::Command;
-            }
+            self.chunk_done(last);
         }
         take
     }
@@ -909,10 +1013,7 @@ impl TurnTracker {
                 self.events.push_back(Event::DivertFinished);
                 self.client = ClientState::AwaitDivert;
             } else {
-                self.pending.push_back(Pending {
-                    turn: Turn::EndOfData,
-                    rcpt: None,
-                });
+                self.pending.push_back(Pending::of(Turn::EndOfData));
                 self.tagged = false;
                 self.client = ClientState::Command;
             }
@@ -934,6 +1035,7 @@ impl TurnTracker {
     }
 
     fn reply(&mut self, now: Instant, code: u16, raw: Vec<u8>) {
+        self.release_locals(now);
         let Some(pending) = self.pending.pop_front() else {
             // Unsolicited (a 421 before closing): pass it on.
             self.queue_reply(now, raw, Turn::Command(Verb::Quit), false);
@@ -956,10 +1058,33 @@ impl TurnTracker {
                 let (edited, offered) = edit_ehlo_reply(&bytes, edit);
                 bytes = edited;
                 self.offered = offered;
+                self.envelope = Envelope {
+                    helo: pending.arg,
+                    ..Envelope::default()
+                };
             }
-            Turn::Command(Verb::Helo) if code == 250 => self.offered = Offered::default(),
+            Turn::Command(Verb::Helo) if code == 250 => {
+                self.offered = Offered::default();
+                self.envelope = Envelope {
+                    helo: pending.arg,
+                    ..Envelope::default()
+                };
+            }
+            Turn::Command(Verb::Mail) if positive => {
+                self.envelope.mail_from = pending.arg;
+                self.envelope.rcpt_to.clear();
+            }
+            Turn::Command(Verb::Rset) if positive => {
+                self.envelope.mail_from = None;
+                self.envelope.rcpt_to.clear();
+            }
+            // RFC 3030 §2: after a failed chunk the transaction is over.
+            Turn::Chunk { .. } if !positive => {
+                self.in_bdat = false;
+                self.tagged = false;
+            }
             Turn::Command(Verb::Rcpt) if positive => {
-                if let Some(rcpt) = pending.rcpt {
+                if let Some(rcpt) = pending.arg {
                     self.envelope.rcpt_to.push(rcpt);
                 }
             }
@@ -1001,11 +1126,15 @@ impl TurnTracker {
             _ => {}
         }
         self.queue_reply(now, bytes, pending.turn, then_blind);
+        self.release_locals(now);
         self.resume(now);
     }
 
     /// Reads held client bytes if the state allows it now.
     fn resume(&mut self, now: Instant) {
+        if matches!(self.client, ClientState::AwaitPending) && !self.upstream_owes() {
+            self.client = ClientState::Command;
+        }
         if matches!(
             self.client,
             ClientState::AwaitReply(Turn::Command(Verb::Data))

@@ -287,6 +287,8 @@ impl Watcher<'_, '_> {
                 Event::Authenticated => self.record.authenticated = true,
                 Event::DivertStarted => self.divert_started().await,
                 Event::DivertFinished => self.divert_finished().await,
+                // The client abandoned the message: the temp file goes.
+                Event::DivertAborted => drop(self.writer.take()),
                 Event::Blind => {}
             }
         }

@@ -1093,10 +1093,9 @@ impl Sim {
             held <= cap + read,
             "{held} held bytes, cap {cap}, largest read {read}"
         );
-        assert!(
-            line <= self.setup.max_command_line + read,
-            "command line buffer of {line}"
-        );
+        // A SASL response may be 12288 octets (RFC 4954 §4).
+        let line_cap = self.setup.max_command_line.max(12_288);
+        assert!(line <= line_cap + read, "command line buffer of {line}");
         let up = self.t.upstream_output().len();
         // Reads stop at 4 × the cap; one read and one release of held
         // bytes may come on top, each at most doubled by normalisation.
@@ -1373,7 +1372,11 @@ impl Sim {
                     match turn {
                         ClientTurn::Command(line) => match Verb::parse(line) {
                             Verb::StartTls => raw == NO_TLS,
-                            Verb::Data => raw.starts_with(b"354 End data"),
+                            Verb::Data => {
+                                raw.starts_with(b"354 End data")
+                                    || raw == mxguard_smtp::tracker::BDAT_BUSY
+                            }
+                            Verb::Rcpt => raw == mxguard_smtp::tracker::BDAT_BUSY,
                             _ => false,
                         },
                         ClientTurn::Chunk { last: false } => raw.ends_with(b" octets received\r\n"),
