@@ -6,7 +6,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: run build test deps fmt lint unit e2e
+.PHONY: run build test deps fmt lint unit e2e fuzz
 
 # `make -j test` must still run the steps in order.
 .NOTPARALLEL:
@@ -42,3 +42,8 @@ unit:
 ## e2e: end-to-end tests against real peers (root for the namespace tests)
 e2e:
 	$(PYTHON) -m pytest tests/e2e -v $(PYTEST_ARGS)
+
+## fuzz: run the cargo-fuzz targets of the turn tracker and body scanner (FUZZ_SECONDS each, default 20);
+## the same properties run in `make test` through proptest (crates/mxguard-smtp/tests/properties.rs)
+fuzz:
+	tests/fuzz-smoke.sh
