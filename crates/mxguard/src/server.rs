@@ -410,6 +410,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut spare = Spare::open();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -425,15 +426,59 @@ async fn accept_loop(
                     shared.session_ended();
                 });
             }
-            Err(e) => accept_failed(&shared, &e).await,
+            Err(e) => {
+                if accept_failed(&shared, &e) {
+                    spare.turn_away(&listener, &shared).await;
+                }
+                let pause = if spare.is_open() { 5 } else { 50 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
         }
     }
 }
 
+/// A descriptor held in reserve. When accept fails for want of descriptors,
+/// the pending client would wait in the backlog with no answer; closing the
+/// spare lets us accept it, tell it `421` (it retries later, as a real MTA
+/// does) and close it, then take the spare back (the trick nginx and libev
+/// use).
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn open() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    fn is_open(&self) -> bool {
+        self.0.is_some()
+    }
+
+    async fn turn_away(&mut self, listener: &TcpListener, shared: &Shared) {
+        if self.0.take().is_none() {
+            *self = Self::open();
+            return;
+        }
+        let accepted =
+            tokio::time::timeout(Duration::from_millis(5), listener.accept()).await;
+        if let Ok(Ok((stream, _peer))) = accepted {
+            let hostname = shared.runtime.load().config.hostname.clone();
+            let reply = format!("421 4.3.2 {hostname} All server ports are busy\r\n");
+            let _ = stream.try_write(reply.as_bytes());
+            shared
+                .metrics
+                .connections
+                .with_label_values(&["tempfail"])
+                .inc();
+        }
+        *self = Self::open();
+    }
+}
+
 /// Out of descriptors (EMFILE/ENFILE) or memory: the pending connection
-/// stays in the backlog and accept would fail again at once. Back off
-/// instead of spinning, and keep the listener.
-async fn accept_failed(shared: &Shared, e: &std::io::Error) {
+/// stays in the backlog and accept would fail again at once. Count it, log
+/// the first of a burst, and say whether descriptors ran out (the caller
+/// turns one client away with the spare and backs off instead of spinning).
+fn accept_failed(shared: &Shared, e: &std::io::Error) -> bool {
     use nix::errno::Errno;
     let exhausted = e.raw_os_error().is_some_and(|code| {
         matches!(
@@ -443,13 +488,11 @@ async fn accept_failed(shared: &Shared, e: &std::io::Error) {
     });
     let kind = if exhausted { "emfile" } else { "other" };
     let counter = shared.metrics.accept_errors.with_label_values(&[kind]);
-    // Log the first failure of a burst, not every one.
     if counter.get().is_multiple_of(1000) {
         tracing::warn!("accept failed: {e}; backing off");
     }
     counter.inc();
-    let pause = if exhausted { 50 } else { 5 };
-    tokio::time::sleep(Duration::from_millis(pause)).await;
+    exhausted
 }
 
 async fn purge_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
