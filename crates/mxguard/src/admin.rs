@@ -1,20 +1,14 @@
-//! The admin listener: `/healthz` and `/metrics` for now.
-//!
-//! It listens on loopback by default. Routes that change state come with a
-//! later issue, behind a bearer token; these two only read.
+//! The admin listener: HTTP/1.1 on loopback by default. The routes, auth
+//! and JSON handling are in `api`; this owns the socket and connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
 use crate::server::Shared;
 
 /// Serves until `shutdown` turns true.
@@ -39,7 +33,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&req, &shared.metrics)) }
+                async move { Ok::<_, Infallible>(crate::api::handle(req, shared).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -52,35 +46,4 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let std = std::net::TcpListener::bind(addr)?;
     std.set_nonblocking(true)?;
     TcpListener::from_std(std)
-}
-
-fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
-        (_, "/healthz" | "/metrics") => text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "application/json",
-            br#"{"error":"method not allowed"}"#.to_vec(),
-        ),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "application/json",
-            br#"{"error":"not found"}"#.to_vec(),
-        ),
-    }
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    resp
 }

@@ -9,14 +9,19 @@ mod admin;
 mod admission;
 mod admission_config;
 mod alert;
+mod api;
 mod cluster;
 mod config;
+mod ctl;
 mod demo;
+mod events;
 mod intercept;
 mod lists;
 mod logging;
 mod metrics;
+mod notify;
 mod quarantine;
+mod reload;
 mod server;
 mod session;
 mod sessions;
@@ -59,6 +64,9 @@ enum Command {
     },
     /// List, show, release or delete quarantined messages.
     Quarantine(quarantine::QuarantineArgs),
+    /// Operate a running guard over its admin API: block, unblock, allow,
+    /// lookup, sessions, quarantine, reload, stats, config.
+    Ctl(ctl::CtlArgs),
     /// Show the guard at work on loopback: a built-in MTA stand-in, the
     /// guard in front of it, a polite client and an early talker.
     Demo {
@@ -111,6 +119,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Quarantine(args) => quarantine::cli_main(args),
+        Command::Ctl(args) => ctl::main(args),
         Command::Demo { greet_delay } => demo::main(greet_delay),
     }
 }

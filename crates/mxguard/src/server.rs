@@ -22,7 +22,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::admission::{AdmissionControl, AdmissionMetrics};
+use crate::api::Tokens;
 use crate::config::{Config, Mode, Overrides};
+use crate::events::EventLog;
 use crate::intercept::{self, OriginalDestination};
 use crate::lists::{DynamicRecord, ListFiles, ListKind, Lists};
 use crate::metrics::Metrics;
@@ -60,6 +62,12 @@ pub struct Shared {
     passed: Mutex<Blocklist>,
     live: AtomicUsize,
     idle: Notify,
+    /// The JSON-lines event log (`[log] events`).
+    pub events: EventLog,
+    /// The admin API's bearer tokens, swapped on reload.
+    pub tokens: ArcSwap<Tokens>,
+    pub started: Instant,
+    pub(crate) config_source: std::sync::OnceLock<crate::reload::ConfigSource>,
 }
 
 impl Shared {
@@ -81,6 +89,10 @@ impl Shared {
         }
         let passed = Blocklist::new(config.pass_cache.max_entries.max(1));
         let relay_counters = RelayCounters::new(&metrics);
+        let events = EventLog::new(
+            metrics.event_log_lines.clone(),
+            metrics.event_log_dropped.clone(),
+        );
         Self {
             runtime: ArcSwap::from_pointee(Runtime::new(config)),
             metrics,
@@ -93,12 +105,26 @@ impl Shared {
             passed: Mutex::new(passed),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
+            events,
+            tokens: ArcSwap::from_pointee(Tokens::disabled()),
+            started: Instant::now(),
+            config_source: std::sync::OnceLock::new(),
         }
     }
 
     /// What the allow/block lists say about `ip`: lock-free.
     pub fn listed(&self, ip: IpAddr) -> Option<ListKind> {
-        self.lists.classify_kind(ip)
+        let listed = self.lists.classify_kind(ip);
+        let result = match listed {
+            Some(ListKind::Block) => "blocked",
+            Some(ListKind::Allow) => "allowed",
+            None => "unlisted",
+        };
+        self.metrics
+            .blocklist_lookups
+            .with_label_values(&[result])
+            .inc();
+        listed
     }
 
     #[allow(dead_code)] // admission asks `listed`; kept for the admin API
@@ -276,12 +302,20 @@ pub async fn run(
     } else {
         None
     };
+    let tokens = crate::reload::load_tokens(&config)
+        .map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?;
     let shared = Arc::new(Shared::new(
         config.clone(),
         metrics,
         listen_addrs.clone(),
         quarantine,
     ));
+    shared.tokens.store(Arc::new(tokens));
+    shared
+        .events
+        .configure(config.log.events.as_deref())
+        .context("log.events")?;
+    shared.set_config_source(config_path, overrides);
     crate::admission::start(&shared, &config).await?;
     let admin_bound = admin_addr.as_ref().map(|(a, _)| *a);
     if let Some((_, listener)) = admin_addr {
@@ -310,13 +344,27 @@ pub async fn run(
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // Every listener is bound and served: systemd may start what comes
+    // after us (Type=notify).
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        join(&listen_addrs)
+    ));
+    if let Some(every) = crate::notify::watchdog_interval() {
+        tokio::spawn(crate::notify::watchdog(every, shutdown_rx.clone()));
+    }
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&shared, config_path.as_deref(), &overrides),
+            _ = hup.recv() => {
+                let shared = shared.clone();
+                // Reading files: off the runtime's threads.
+                let _ = tokio::task::spawn_blocking(move || shared.reload("sighup", "signal")).await;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    crate::notify::notify("STOPPING=1");
 
     let drain = shared.runtime.load().config.limits.drain_timeout.0;
     let _ = shutdown_tx.send(true);
@@ -344,67 +392,6 @@ fn join(addrs: &[SocketAddr]) -> String {
         .join(", ")
 }
 
-/// Parses and validates the whole file first; swaps only if it is good.
-fn reload(shared: &Shared, path: Option<&std::path::Path>, overrides: &Overrides) {
-    let Some(path) = path else {
-        tracing::info!("SIGHUP: running on built-in defaults, nothing to reload");
-        return;
-    };
-    match Config::load(Some(path), overrides) {
-        Ok(new) => {
-            let old = shared.runtime.load();
-            let needs_restart = [
-                (
-                    "intercept.listen",
-                    old.config.intercept.listen != new.intercept.listen,
-                ),
-                (
-                    "intercept.mode",
-                    old.config.intercept.mode != new.intercept.mode,
-                ),
-                ("admin.listen", old.config.admin.listen != new.admin.listen),
-                ("log", old.config.log != new.log),
-            ];
-            if new.uses_quarantine() && shared.quarantine.is_none() {
-                tracing::warn!(
-                    "reload: quarantine is now an action but its store opens at start: restart to use it (until then such mail gets 451)"
-                );
-            }
-            for (key, changed) in needs_restart {
-                if changed {
-                    tracing::warn!("reload: `{key}` changed; it takes effect at restart");
-                }
-            }
-            let files = ListFiles::from_config(&new);
-            shared.runtime.store(Arc::new(Runtime::new(new)));
-            match shared.lists.load_files(&files) {
-                Ok(n) => {
-                    tracing::info!("lists: {n} entries from the list files");
-                    shared.lists_changed();
-                }
-                Err(e) => tracing::error!("lists: reload failed, keeping the old lists: {e}"),
-            }
-            shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["ok"])
-                .inc();
-            tracing::info!("reloaded {}", path.display());
-        }
-        Err(e) => {
-            shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["error"])
-                .inc();
-            tracing::error!("reload failed, keeping the running config: {e}");
-            // The list files are re-read all the same: SIGHUP is also how
-            // an operator says "I edited a list".
-            let _ = shared.reload_lists();
-        }
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -419,6 +406,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                shared.metrics.connections_accepted.inc();
                 shared.session_started();
                 let shared = shared.clone();
                 tokio::spawn(async move {
@@ -458,8 +446,7 @@ impl Spare {
             *self = Self::open();
             return;
         }
-        let accepted =
-            tokio::time::timeout(Duration::from_millis(5), listener.accept()).await;
+        let accepted = tokio::time::timeout(Duration::from_millis(5), listener.accept()).await;
         if let Ok(Ok((stream, _peer))) = accepted {
             let hostname = shared.runtime.load().config.hostname.clone();
             let reply = format!("421 4.3.2 {hostname} All server ports are busy\r\n");

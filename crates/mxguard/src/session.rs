@@ -129,6 +129,26 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         .connections
         .with_label_values(&[record.verdict.as_str()])
         .inc();
+    let elapsed = started.elapsed();
+    shared
+        .metrics
+        .session_duration_seconds
+        .with_label_values(&[record.verdict.as_str()])
+        .observe(elapsed.as_secs_f64());
+    if shared.events.enabled() {
+        shared.events.verdict(&crate::events::VerdictEvent {
+            verdict: record.verdict.as_str(),
+            tests: &record.tests,
+            client: record.client.to_string(),
+            orig_dst: record.orig_dst.map(|a| a.to_string()),
+            elapsed: elapsed.as_millis() as f64 / 1000.0,
+            bytes_up: record.bytes_up,
+            bytes_down: record.bytes_down,
+            end: record.end,
+            turns: record.turns,
+            min_gap_ms: record.min_gap.map(|g| g.as_micros() as f64 / 1000.0),
+        });
+    }
     let orig_dst = record
         .orig_dst
         .map_or_else(|| "-".to_string(), |a| a.to_string());
@@ -138,7 +158,7 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         test = %record.tests_joined(),
         client = %record.client,
         orig_dst = %orig_dst,
-        elapsed = started.elapsed().as_millis() as f64 / 1000.0,
+        elapsed = elapsed.as_millis() as f64 / 1000.0,
         bytes_up = record.bytes_up,
         bytes_down = record.bytes_down,
         end = %record.end,
@@ -528,11 +548,15 @@ async fn greet(
         if matches!(upstream, Upstream::Idle) && now >= connect_at {
             let source = runtime.intercept.upstream_source(peer);
             let connect_timeout = config.intercept.upstream_connect_timeout.0;
-            upstream = Upstream::Connecting(Box::pin(mxguard_net::connect_upstream(
-                dst,
-                source,
-                connect_timeout,
-            )));
+            let latency = shared.metrics.upstream_connect_seconds.clone();
+            upstream = Upstream::Connecting(Box::pin(async move {
+                let start = Instant::now();
+                let connected = mxguard_net::connect_upstream(dst, source, connect_timeout).await;
+                if connected.is_ok() {
+                    latency.observe(start.elapsed().as_secs_f64());
+                }
+                connected
+            }));
         }
         if upstream.settled() && now >= deadline {
             break;

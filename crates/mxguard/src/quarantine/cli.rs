@@ -279,7 +279,7 @@ fn print_json<T: Serialize>(value: &T) -> ExitCode {
 
 /// Standard base64 with padding (RFC 4648 §4); a few lines rather than a
 /// dependency for the one place that needs it.
-fn base64(bytes: &[u8]) -> String {
+pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for group in bytes.chunks(3) {
