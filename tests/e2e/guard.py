@@ -159,6 +159,9 @@ class Guard:
             admin = f"127.0.0.1:{free_port()}"
         self.admin = admin
         self.config = dict(TEST_DEFAULTS)
+        # Each guard keeps its persistent state (blocklist, scores) in its
+        # own directory: nothing carries over between tests.
+        self.config["state.dir"] = str(self.workdir / "state")
         self.config["intercept.listen"] = listen
         if upstream is not None:
             self.config["intercept.upstream"] = upstream

@@ -50,6 +50,7 @@ use crate::alert::{AlertDoc, AlertObserver, Alerts};
 use crate::config::Config;
 use crate::lists::{millis, unix_now, ListKind};
 use crate::server::{Runtime, Shared};
+use crate::state::StateStore;
 
 /// What admission decided for a new connection.
 pub enum Gate<'a> {
@@ -114,6 +115,7 @@ pub struct AdmissionControl {
     pub metrics: AdmissionMetrics,
     pub alerts: OnceLock<Alerts>,
     pub cluster: OnceLock<Arc<crate::cluster::Cluster>>,
+    pub state: OnceLock<Arc<StateStore>>,
     gateway: String,
 }
 
@@ -199,6 +201,7 @@ impl AdmissionControl {
             metrics,
             alerts: OnceLock::new(),
             cluster: OnceLock::new(),
+            state: OnceLock::new(),
             gateway,
         }
     }
@@ -618,7 +621,110 @@ pub async fn start(shared: &Arc<Shared>, config: &Config) -> anyhow::Result<()> 
         );
         let _ = a.alerts.set(alerts);
     }
+    tokio::spawn(watch_list_files(shared.clone()));
+    if !config.state.dir.as_os_str().is_empty() {
+        let dir = &config.state.dir;
+        let (store, loaded) = StateStore::open(dir, a.metrics.clone())
+            .map_err(|e| anyhow::anyhow!("state.dir: {e}"))?;
+        let entries = shared.lists.restore(loaded.entries);
+        let (scores, trends) = (loaded.reputation.len(), loaded.trends.len());
+        a.restore(loaded.reputation, loaded.trends);
+        tracing::info!(
+            "state: {entries} list entries, {scores} scores, {trends} sender trends from {}",
+            dir.display()
+        );
+        shared.lists_changed();
+        shared.lists.add_sink(store.clone());
+        let _ = a.state.set(store.clone());
+        tokio::spawn(flush_loop(store, config.state.flush_interval.0));
+        tokio::spawn(snapshot_loop(
+            shared.clone(),
+            config.state.snapshot_interval.0,
+        ));
+    }
     Ok(())
+}
+
+/// What identifies a version of a file: modification time, size, inode.
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks: a swapped symlink (a Kubernetes
+    // ConfigMap, an atomic deploy) shows as a new inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Re-reads the list files when one changes. Polling the files' stamps
+/// every `lists.watch_interval` (2 s by default) rather than inotify
+/// (`notify`): a stat per file is nothing at that pace, it sees every way
+/// a file is replaced (editors writing a new file and renaming it, symlink
+/// swaps, NFS) without watching directories, and it needs no dependency.
+async fn watch_list_files(shared: Arc<Shared>) {
+    let stamps = |files: &crate::lists::ListFiles| -> Vec<(std::path::PathBuf, Stamp)> {
+        files.paths().map(|p| (p.to_owned(), stamp(p))).collect()
+    };
+    // The files as they were read at start: a change before the first
+    // poll is a change.
+    let mut seen = stamps(&shared.lists.files());
+    loop {
+        let every = shared.runtime.load().config.lists.watch_interval.0;
+        if every.is_zero() {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            continue;
+        }
+        tokio::time::sleep(every).await;
+        let now = stamps(&shared.lists.files());
+        let same_files = seen.len() == now.len() && seen.iter().zip(&now).all(|(a, b)| a.0 == b.0);
+        if same_files && seen != now {
+            tracing::info!("lists: a list file changed; reloading");
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.reload_lists()).await;
+        }
+        seen = now;
+    }
+}
+
+/// Writes what the state store keeps as snapshots (and compacts its log).
+pub fn snapshot(shared: &Shared) {
+    let Some(store) = shared.admission.state.get() else {
+        return;
+    };
+    let (entries, seq) = shared.lists.dynamic_records_with(|| store.seq());
+    let (reputation, trends) = shared.admission.records();
+    if let Err(e) = store.snapshot(entries, seq, &reputation, &trends) {
+        tracing::error!("state: snapshot failed: {e}");
+    }
+}
+
+/// At a clean stop: everything on disk.
+pub fn stop(shared: &Shared) {
+    if let Some(store) = shared.admission.state.get() {
+        store.flush();
+        snapshot(shared);
+    }
+}
+
+async fn flush_loop(store: Arc<StateStore>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+}
+
+async fn snapshot_loop(shared: Arc<Shared>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let shared = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || snapshot(&shared)).await;
+    }
 }
 
 fn concurrency(address: ClientKey) -> Limited {

@@ -425,10 +425,18 @@ impl Lists {
 
     /// Every live dynamic entry as a record (the state store's snapshot).
     pub fn dynamic_records(&self) -> Vec<DynamicRecord> {
+        self.dynamic_records_with(|| ()).0
+    }
+
+    /// Every live dynamic entry, and what `f` returns, both read while no
+    /// writer can change the lists (the state store's compaction reads its
+    /// change number this way).
+    pub fn dynamic_records_with<T>(&self, f: impl FnOnce() -> T) -> (Vec<DynamicRecord>, T) {
         let anchor = anchor_now();
         let w = self.writer.lock();
+        let extra = f();
         let current = self.snapshot.load_full();
-        current
+        let records = current
             .dynamic()
             .iter()
             .filter(|(_, e)| e.is_live(anchor.instant))
@@ -444,7 +452,8 @@ impl Lists {
                     until_unix_ms: e.until.map(|u| anchor.to_unix_ms(u)),
                 }
             })
-            .collect()
+            .collect();
+        (records, extra)
     }
 
     /// Runs `f` while no writer can change the lists (the state store's
@@ -647,11 +656,21 @@ impl crate::server::Shared {
     pub fn reload_lists(&self) -> Result<(), ListError> {
         match self.lists.reload() {
             Ok(n) => {
+                self.admission
+                    .metrics
+                    .list_reloads
+                    .with_label_values(&["ok"])
+                    .inc();
                 tracing::info!("lists: {n} entries from the list files");
                 self.lists_changed();
                 Ok(())
             }
             Err(e) => {
+                self.admission
+                    .metrics
+                    .list_reloads
+                    .with_label_values(&["error"])
+                    .inc();
                 tracing::error!("lists: reload failed, keeping the old lists: {e}");
                 Err(e)
             }

@@ -25,6 +25,7 @@ mod reload;
 mod server;
 mod session;
 mod sessions;
+mod state;
 mod watch;
 
 use std::path::PathBuf;

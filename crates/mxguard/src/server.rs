@@ -381,6 +381,7 @@ pub async fn run(
             shared.live_sessions()
         );
     }
+    crate::admission::stop(&shared);
     Ok(())
 }
 
