@@ -6,8 +6,8 @@
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
-APT_PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-inet6-perl iptables nftables iproute2 curl openssl procps prometheus systemd)
-TOOLS=(postconf postfix smtp-sink sendmail postqueue swaks iptables ip6tables nft ip curl openssl ps sysctl prometheus promtool systemd-analyze setpriv)
+APT_PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-inet6-perl iptables nftables iproute2 curl openssl procps)
+TOOLS=(postconf postfix smtp-sink sendmail postqueue swaks iptables ip6tables nft ip curl openssl ps sysctl)
 
 sudo=()
 if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
@@ -44,13 +44,24 @@ if ! python3 -m pytest --version >/dev/null 2>&1; then
         || { "${sudo[@]}" apt-get install -y -q python3-pytest </dev/null; }
 fi
 
-# The admin API's OpenAPI run (tests/e2e/test_openapi.py); it brings PyYAML,
-# which test_prometheus.py reads the alert rules with.
-if ! command -v st >/dev/null 2>&1 || ! python3 -c "import schemathesis, yaml" >/dev/null 2>&1; then
-    echo "install-deps: installing schemathesis"
-    python3 -m pip install -q schemathesis 2>/dev/null \
-        || python3 -m pip install -q --break-system-packages schemathesis
-fi
-
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+# Admission control's stories: a test MTA that really answers AUTH
+# (aiosmtpd, tests/e2e/test_sender_limits.py) and Redis for the fleet
+# (tests/e2e/test_cluster.py).
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "install-deps: installing redis-server"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get install -y -q redis-server </dev/null \
+        || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q redis-server </dev/null; }
+    # The tests start their own; the packaged one must not hold the port.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+        "${sudo[@]}" systemctl stop redis-server || true
+    fi
+fi
+if ! python3 -c "import aiosmtpd" >/dev/null 2>&1; then
+    echo "install-deps: installing aiosmtpd"
+    python3 -m pip install -q aiosmtpd 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages aiosmtpd
+fi

@@ -77,6 +77,11 @@ pub struct TrackerConfig {
     /// Client bytes held while waiting for a reply; past this the daemon
     /// stops reading the client.
     pub max_held: usize,
+    /// Hold each MAIL command until the caller has looked at its sender
+    /// ([`Event::MailFrom`]): it then either lets it go on
+    /// ([`TurnTracker::proceed`]) or answers it itself
+    /// ([`TurnTracker::refuse_mail`]).
+    pub hold_mail: bool,
 }
 
 impl Default for TrackerConfig {
@@ -88,6 +93,7 @@ impl Default for TrackerConfig {
             smuggling: SmugglingPolicy::Reject,
             delays: ReplyDelays::default(),
             max_held: 64 * 1024,
+            hold_mail: false,
         }
     }
 }
@@ -204,6 +210,9 @@ pub enum Event {
     },
     /// AUTH succeeded (`235`).
     Authenticated,
+    /// A MAIL command with this reverse-path (empty for `<>`) is held, the
+    /// tracker paused (only with [`TrackerConfig::hold_mail`]).
+    MailFrom(String),
     /// A message is being diverted (quarantine/discard): its content comes
     /// through [`TurnTracker::take_diverted`].
     DivertStarted,
@@ -363,6 +372,8 @@ pub struct TurnTracker {
     /// applied its policy and called [`TurnTracker::proceed`], so that the
     /// action (say, quarantine) covers the very command that fired it.
     paused: bool,
+    /// A MAIL line waiting for the caller's word (`hold_mail`).
+    held_mail: Option<Vec<u8>>,
     /// The current line's turn was already checked (before a pause).
     turn_checked: bool,
 }
@@ -397,6 +408,7 @@ impl TurnTracker {
             reported: 0,
             blind: false,
             paused: false,
+            held_mail: None,
             turn_checked: false,
         }
     }
@@ -412,10 +424,29 @@ impl TurnTracker {
             return;
         }
         self.paused = false;
+        if let Some(line) = self.held_mail.take() {
+            let arg = envelope_address(&line);
+            self.to_upstream.extend_from_slice(&line);
+            self.pending.push_back(Pending {
+                turn: Turn::Command(Verb::Mail),
+                arg,
+                local: None,
+            });
+        }
         if !self.held.is_empty() && !self.waits_for_reply() {
             let held = std::mem::take(&mut self.held);
             self.process(now, &held);
         }
+    }
+
+    /// Answers the held MAIL with `reply` (say, `451 4.7.1` for a sender
+    /// over its limit) instead of passing it on; the MTA never sees it.
+    /// Then reads on, as [`TurnTracker::proceed`].
+    pub fn refuse_mail(&mut self, now: Instant, reply: Vec<u8>) {
+        if self.held_mail.take().is_some() {
+            self.local_reply(now, reply, Turn::Command(Verb::Mail));
+        }
+        self.proceed(now);
     }
 
     fn waits_for_reply(&self) -> bool {
@@ -796,6 +827,14 @@ impl TurnTracker {
                 arg = Some(String::from_utf8_lossy(name).trim().to_string());
                 self.tagged = false;
                 self.in_bdat = false;
+            }
+            Verb::Mail if self.cfg.hold_mail && !self.in_bdat => {
+                self.tagged = false;
+                let sender = envelope_address(&line).unwrap_or_default();
+                self.held_mail = Some(line);
+                self.events.push_back(Event::MailFrom(sender));
+                self.paused = true;
+                return;
             }
             Verb::Mail => {
                 arg = envelope_address(&line);
@@ -1195,6 +1234,8 @@ mod tests {
         /// Everything the client received.
         client: Vec<u8>,
         events: Vec<Event>,
+        /// With `hold_mail`: our answer to every held MAIL (None: pass it).
+        refuse_mail: Option<Vec<u8>>,
     }
 
     impl Sim {
@@ -1206,6 +1247,7 @@ mod tests {
                 mta: Vec::new(),
                 client: Vec::new(),
                 events: Vec::new(),
+                refuse_mail: None,
             }
         }
 
@@ -1228,7 +1270,11 @@ mod tests {
                 self.events.push(e);
             }
             if self.t.is_paused() {
-                self.t.proceed(self.now);
+                let held_mail = matches!(self.events.last(), Some(Event::MailFrom(_)));
+                match &self.refuse_mail {
+                    Some(reply) if held_mail => self.t.refuse_mail(self.now, reply.clone()),
+                    _ => self.t.proceed(self.now),
+                }
                 self.flush();
             }
         }
@@ -1603,6 +1649,71 @@ mod tests {
         s.flush();
         assert_eq!(s.take_client(), b"250 2.0.0 Ok: quarantined\r\n");
         assert_eq!(s.take_mta(), b"RSET\r\n");
+    }
+
+    #[test]
+    fn a_held_mail_is_shown_to_the_caller_then_passed_on() {
+        let mut s = Sim::new(TrackerConfig {
+            hold_mail: true,
+            ..TrackerConfig::default()
+        });
+        s.ehlo();
+        s.t.on_client(s.now, b"MAIL FROM:<Alice@Example.org> SIZE=10\r\n");
+        assert!(s.t.is_paused());
+        assert!(
+            s.t.upstream_output().is_empty(),
+            "held until the caller says"
+        );
+        assert_eq!(
+            s.t.poll_event(),
+            Some(Event::Turn {
+                verb: Verb::Mail,
+                gap: Duration::ZERO
+            })
+        );
+        assert_eq!(
+            s.t.poll_event(),
+            Some(Event::MailFrom("Alice@Example.org".into()))
+        );
+        s.t.proceed(s.now);
+        assert_eq!(
+            s.t.upstream_output(),
+            b"MAIL FROM:<Alice@Example.org> SIZE=10\r\n"
+        );
+        s.flush();
+        s.mta_says(b"250 2.1.0 Ok\r\n");
+        assert_eq!(
+            s.t.envelope().mail_from.as_deref(),
+            Some("Alice@Example.org")
+        );
+        assert_eq!(s.take_client(), b"250 2.1.0 Ok\r\n");
+    }
+
+    #[test]
+    fn a_refused_mail_gets_our_reply_in_order_and_never_reaches_the_mta() {
+        let mut s = Sim::new(TrackerConfig {
+            hold_mail: true,
+            ..TrackerConfig::default()
+        });
+        s.refuse_mail = Some(b"451 4.7.1 sender over its limit\r\n".to_vec());
+        s.ehlo();
+        // Pipelined: a RSET before (its reply is owed first), RCPT and DATA
+        // after (the MTA refuses them: it saw no MAIL).
+        s.client_sends(
+            b"RSET\r\nMAIL FROM:<bulk@example.org>\r\nRCPT TO:<b@mx.example>\r\nDATA\r\n",
+        );
+        assert_eq!(s.take_mta(), b"RSET\r\nRCPT TO:<b@mx.example>\r\nDATA\r\n");
+        assert!(
+            s.take_client().is_empty(),
+            "the 451 waits for the RSET's reply"
+        );
+        s.mta_says(b"250 2.0.0 Ok\r\n503 5.5.1 need MAIL\r\n554 5.5.1 no valid recipients\r\n");
+        assert_eq!(
+            s.take_client(),
+            b"250 2.0.0 Ok\r\n451 4.7.1 sender over its limit\r\n503 5.5.1 need MAIL\r\n554 5.5.1 no valid recipients\r\n"
+        );
+        assert_eq!(s.t.envelope().mail_from, None);
+        assert!(s.violations().is_empty(), "{:?}", s.events);
     }
 
     #[test]

@@ -27,9 +27,6 @@
 //! its own short `parking_lot` lock (no await while held). A held session
 //! costs its permit (a key and a flag) and nothing else here.
 
-// Sender limits are wired into the watch in the next step.
-#![allow(dead_code)]
-
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -206,6 +203,7 @@ impl AdmissionControl {
         }
     }
 
+    #[allow(dead_code)] // the fleet's (cluster.rs)
     pub fn gateway(&self) -> &str {
         &self.gateway
     }
@@ -547,17 +545,6 @@ impl AdmissionControl {
         }
     }
 
-    /// The baseline of a sender's trend (tests, admin).
-    pub fn trend_baseline(&self, sender: &str) -> Option<f64> {
-        let now = Instant::now().into_std();
-        let (address, _) = sender_keys(sender);
-        self.senders.lock().trend.as_ref()?.baseline(&address, now)
-    }
-
-    pub fn score(&self, ip: IpAddr) -> f64 {
-        self.reputation.lock().score(ip, Instant::now().into_std())
-    }
-
     /// Forgets what carries no information any more; updates the gauges.
     pub fn sweep(&self) {
         let now = Instant::now().into_std();
@@ -596,11 +583,6 @@ impl AdmissionControl {
         m.with_label_values(&["reputation"]).set(rep as i64);
         m.with_label_values(&["senders"]).set(senders as i64);
         m.with_label_values(&["trends"]).set(trends as i64);
-    }
-
-    /// Connections of `ip` open now (counted against the cap).
-    pub fn connections(&self, ip: IpAddr) -> u32 {
-        self.limits.lock().conns.count(&ClientKey::address(ip))
     }
 }
 
@@ -749,10 +731,16 @@ pub struct AdmissionMetrics {
     pub list_reloads: IntCounterVec,
     pub state_writes: IntCounterVec,
     pub state_errors: IntCounter,
+    // The fleet's series (cluster.rs) and the kernel offload's (nft.rs).
+    #[allow(dead_code)]
     pub cluster_up: IntGauge,
+    #[allow(dead_code)]
     pub cluster_fallbacks: IntCounterVec,
+    #[allow(dead_code)]
     pub cluster_seconds: HistogramVec,
+    #[allow(dead_code)]
     pub cluster_received: IntCounterVec,
+    #[allow(dead_code)]
     pub nft: IntCounterVec,
 }
 

@@ -44,6 +44,7 @@ pub fn tracker_config(config: &Config, delays: bool) -> TrackerConfig {
         strip_pipelining: config.turns.strip_pipelining,
         max_command_line: config.turns.max_command_line,
         unknown_command_limit: config.turns.unknown_command_limit,
+        hold_mail: config.senders.enabled,
         smuggling: match config.turns.smuggling {
             Smuggling::Reject => SmugglingPolicy::Reject,
             Smuggling::Normalize => SmugglingPolicy::Normalize,
@@ -285,6 +286,7 @@ impl Watcher<'_, '_> {
                 }
                 Event::Turn { gap, .. } => self.record.turn(gap),
                 Event::Authenticated => self.record.authenticated = true,
+                Event::MailFrom(sender) => self.mail_from(&sender),
                 Event::DivertStarted => self.divert_started().await,
                 Event::DivertFinished => self.divert_finished().await,
                 // The client abandoned the message: the temp file goes.
@@ -371,6 +373,42 @@ impl Watcher<'_, '_> {
         Next::End {
             quit: !smuggled && !self.tracker.in_message(),
         }
+    }
+
+    /// A MAIL FROM, held by the tracker: within the sender's limits (by
+    /// address and domain, authenticated or not, and its trend)? If not,
+    /// the MAIL gets our 451 and the MTA never sees it.
+    fn mail_from(&mut self, sender: &str) {
+        let verdict =
+            self.shared
+                .admission
+                .check_sender(self.runtime, sender, self.record.authenticated);
+        let crate::admission::SenderVerdict::Limited(kind) = verdict else {
+            return;
+        };
+        let peer = self.record.client;
+        tracing::info!(
+            target: "mxguard::detect",
+            "SENDER-LIMIT {kind} for {sender:?} from [{}]:{} (authenticated: {})",
+            peer.ip(),
+            peer.port(),
+            if self.record.authenticated { "yes" } else { "no" }
+        );
+        self.record.fired("sender-limit");
+        let config = &self.runtime.config;
+        self.shared.admission.add_points(
+            self.shared,
+            self.runtime,
+            peer.ip(),
+            config.reputation.sender_limit_points,
+            "sender-limit",
+        );
+        let reply = format!(
+            "451 4.7.1 {} Error: too much mail from this sender, try again later\r\n",
+            config.hostname
+        );
+        self.tracker
+            .refuse_mail(Instant::now().into_std(), reply.into_bytes());
     }
 
     /// Records the action and adjusts the tracker (strongest wins).

@@ -240,6 +240,9 @@ impl Setup {
                 other: ms(self.delays[5]),
             },
             max_held: self.max_held,
+            // Held MAILs (sender limits) are the daemon's business; the
+            // model passes every MAIL on.
+            hold_mail: false,
         }
     }
 }
