@@ -203,7 +203,6 @@ impl AdmissionControl {
         }
     }
 
-    #[allow(dead_code)] // the fleet's (cluster.rs)
     pub fn gateway(&self) -> &str {
         &self.gateway
     }
@@ -604,6 +603,25 @@ pub async fn start(shared: &Arc<Shared>, config: &Config) -> anyhow::Result<()> 
         let _ = a.alerts.set(alerts);
     }
     tokio::spawn(watch_list_files(shared.clone()));
+    if !config.cluster.redis.is_empty() {
+        let cluster = crate::cluster::Cluster::new(
+            &config.cluster.redis,
+            a.gateway().to_string(),
+            config.cluster.key_prefix.clone(),
+            config.cluster.timeout.0,
+            a.metrics.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("cluster.redis: {e}"))?;
+        let cluster = Arc::new(cluster);
+        shared.lists.add_sink(cluster.clone());
+        let _ = a.cluster.set(cluster.clone());
+        crate::cluster::start(shared, cluster, config.cluster.publish_interval.0);
+        tracing::info!(
+            "cluster: gateway `{}` in the fleet at {}",
+            a.gateway(),
+            config.cluster.redis
+        );
+    }
     if !config.state.dir.as_os_str().is_empty() {
         let dir = &config.state.dir;
         let (store, loaded) = StateStore::open(dir, a.metrics.clone())
@@ -731,14 +749,9 @@ pub struct AdmissionMetrics {
     pub list_reloads: IntCounterVec,
     pub state_writes: IntCounterVec,
     pub state_errors: IntCounter,
-    // The fleet's series (cluster.rs) and the kernel offload's (nft.rs).
-    #[allow(dead_code)]
     pub cluster_up: IntGauge,
-    #[allow(dead_code)]
     pub cluster_fallbacks: IntCounterVec,
-    #[allow(dead_code)]
     pub cluster_seconds: HistogramVec,
-    #[allow(dead_code)]
     pub cluster_received: IntCounterVec,
     #[allow(dead_code)]
     pub nft: IntCounterVec,
