@@ -642,6 +642,9 @@ pub async fn start(shared: &Arc<Shared>, config: &Config) -> anyhow::Result<()> 
             config.state.snapshot_interval.0,
         ));
     }
+    if config.nftables.enabled {
+        crate::nft::start(shared, &config.nftables).await?;
+    }
     Ok(())
 }
 
@@ -753,7 +756,6 @@ pub struct AdmissionMetrics {
     pub cluster_fallbacks: IntCounterVec,
     pub cluster_seconds: HistogramVec,
     pub cluster_received: IntCounterVec,
-    #[allow(dead_code)]
     pub nft: IntCounterVec,
 }
 

@@ -19,6 +19,7 @@ mod intercept;
 mod lists;
 mod logging;
 mod metrics;
+mod nft;
 mod notify;
 mod quarantine;
 mod reload;
