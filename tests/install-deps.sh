@@ -6,8 +6,8 @@
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
-APT_PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-inet6-perl iptables nftables iproute2 curl openssl procps)
-TOOLS=(postconf postfix smtp-sink sendmail postqueue swaks iptables ip6tables nft ip curl openssl ps sysctl)
+APT_PACKAGES=(postfix swaks libnet-ssleay-perl libio-socket-inet6-perl iptables nftables iproute2 curl openssl procps prometheus systemd)
+TOOLS=(postconf postfix smtp-sink sendmail postqueue swaks iptables ip6tables nft ip curl openssl ps sysctl prometheus promtool systemd-analyze setpriv)
 
 sudo=()
 if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
@@ -42,6 +42,14 @@ if ! python3 -m pytest --version >/dev/null 2>&1; then
     python3 -m pip install -q pytest 2>/dev/null \
         || python3 -m pip install -q --break-system-packages pytest 2>/dev/null \
         || { "${sudo[@]}" apt-get install -y -q python3-pytest </dev/null; }
+fi
+
+# The admin API's OpenAPI run (tests/e2e/test_openapi.py); it brings PyYAML,
+# which test_prometheus.py reads the alert rules with.
+if ! command -v st >/dev/null 2>&1 || ! python3 -c "import schemathesis, yaml" >/dev/null 2>&1; then
+    echo "install-deps: installing schemathesis"
+    python3 -m pip install -q schemathesis 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages schemathesis
 fi
 
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
