@@ -6,7 +6,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: run build test deps fmt lint unit e2e fuzz
+.PHONY: run build test deps fmt lint unit e2e fuzz bench
 
 # `make -j test` must still run the steps in order.
 .NOTPARALLEL:
@@ -47,3 +47,7 @@ e2e:
 ## the same properties run in `make test` through proptest (crates/mxguard-smtp/tests/properties.rs)
 fuzz:
 	tests/fuzz-smoke.sh
+
+## bench: the workspace's benchmarks (cargo bench): prefix lookups at 10^6 prefixes, limiter decisions/s and memory per tracked key (mxguard-policy), fleet decisions/s and added latency through a local redis-server (mxguard)
+bench:
+	$(CARGO) bench --workspace
