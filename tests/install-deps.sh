@@ -37,6 +37,34 @@ else
     echo "install-deps: system packages present"
 fi
 
+# Exim as a pipelining sending client and as a PIPECONNECT/AUTH MTA
+# (tests/e2e/test_turns.py, test_exim.py). exim4-daemon-light conflicts with
+# postfix, so it is unpacked, not installed: `dpkg -x` into EXIM_DIR,
+# /usr/sbin/exim4 a link to it (Exim re-executes itself there), its user, and
+# the libraries postfix does not already pull in.
+EXIM_DIR=/opt/mxguard-test/exim4
+EXIM_LIBS=(libidn12 libgnutls-dane0 libgnutls30 libdb5.3 libnsl2 libpcre2-8-0)
+if ! /usr/sbin/exim4 -C /dev/null -bV >/dev/null 2>&1 || ! getent passwd Debian-exim >/dev/null; then
+    echo "install-deps: unpacking exim4-daemon-light into $EXIM_DIR"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get install -y -q "${EXIM_LIBS[@]}" </dev/null \
+        || { "${sudo[@]}" apt-get update -q && "${sudo[@]}" apt-get install -y -q "${EXIM_LIBS[@]}" </dev/null; }
+    download=$(mktemp -d)
+    (cd "$download" && { apt-get download exim4-daemon-light \
+        || { "${sudo[@]}" apt-get update -q && apt-get download exim4-daemon-light; }; })
+    "${sudo[@]}" rm -rf "$EXIM_DIR"
+    "${sudo[@]}" mkdir -p "$EXIM_DIR"
+    "${sudo[@]}" dpkg -x "$download"/exim4-daemon-light_*.deb "$EXIM_DIR"
+    rm -rf "$download"
+    "${sudo[@]}" ln -sfn "$EXIM_DIR/usr/sbin/exim4" /usr/sbin/exim4
+    getent group Debian-exim >/dev/null || "${sudo[@]}" groupadd --system Debian-exim
+    getent passwd Debian-exim >/dev/null || "${sudo[@]}" useradd --system --gid Debian-exim \
+        --no-create-home --home-dir /var/spool/exim4 --shell /usr/sbin/nologin Debian-exim
+    /usr/sbin/exim4 -C /dev/null -bV >/dev/null 2>&1
+else
+    echo "install-deps: exim4 present"
+fi
+
 if ! python3 -m pytest --version >/dev/null 2>&1; then
     echo "install-deps: installing pytest"
     python3 -m pip install -q pytest 2>/dev/null \

@@ -698,6 +698,81 @@ begin retry
             return ""
 
 
+class EximMta:
+    """Exim 4 as the MTA: `exim4 -bdf` (in the foreground) on HOST:PORT
+    accepting every recipient into a Maildir. It offers PIPECONNECT (Exim's
+    early pipelining), PIPELINING and CHUNKING; `extra_config` is appended
+    (e.g. a `begin authenticators` section)."""
+
+    def __init__(self, workdir: Path, host="127.0.0.1", port=None, name="exim-mta",
+                 hostname=f"exim-mta.{TEST_DOMAIN}", extra_config: str = ""):
+        self.host = host
+        self.port = port or free_port(host)
+        self.dir = workdir / name
+        for sub in ("spool", "log", "mail"):
+            (self.dir / sub).mkdir(parents=True)
+        os.chmod(self.dir / "log", 0o777)
+        pw = pwd.getpwnam("Debian-exim")
+        for sub in ("spool", "mail"):
+            os.chown(self.dir / sub, pw.pw_uid, pw.pw_gid)
+        self.maildir = self.dir / "mail" / "inbox"
+        self.conf = self.dir / "exim.conf"
+        self.conf.write_text(f"""\
+primary_hostname = {hostname}
+spool_directory = {self.dir}/spool
+log_file_path = {self.dir}/log/%slog
+exim_user = Debian-exim
+exim_group = Debian-exim
+never_users =
+trusted_users = root
+keep_environment =
+local_interfaces = <; {host}.{self.port}
+pipelining_connect_advertise_hosts = *
+tls_advertise_hosts =
+received_header_text =
+acl_smtp_rcpt = accept_all
+begin acl
+accept_all:
+  accept
+begin routers
+all:
+  driver = accept
+  transport = to_maildir
+begin transports
+to_maildir:
+  driver = appendfile
+  directory = {self.maildir}
+  maildir_format
+  user = Debian-exim
+begin retry
+* * F,1m,10s
+{extra_config}""")
+        self.proc = Proc(name, [EXIM, "-C", str(self.conf), "-bdf", "-odi", "-oX", str(self.port)], self.dir)
+        wait_until(lambda: self.port in listening_ports(self.proc.pid) or not self.proc.alive(),
+                   10, f"exim -bd on {host}:{self.port}")
+        assert self.proc.alive(), f"exim -bd died: {self.proc.stderr()}"
+
+    @property
+    def addr(self) -> str:
+        return fmt_addr(self.host, self.port)
+
+    def stored(self) -> list[bytes]:
+        new = self.maildir / "new"
+        if not new.exists():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir(), key=lambda p: p.stat().st_mtime)]
+
+    def wait_for(self, token: str, timeout=15) -> bytes:
+        return wait_until(lambda: next((m for m in self.stored() if token.encode() in m), None), timeout,
+                          f"message {token} in {self.maildir}")
+
+    def mainlog(self) -> str:
+        try:
+            return (self.dir / "log" / "mainlog").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
 # --------------------------------------------------------------------------
 # clients
 
@@ -844,6 +919,44 @@ def smtplib_send(host: str, port: int, msg: Message, source: str = "127.0.0.2", 
             s.ehlo("smtplib.example.test")
         refused = s.sendmail(msg.sender, [msg.rcpt], msg.data)
         return {"banner": banner, "refused": refused}
+
+
+def smtplib_suspect(host: str, port: int, trip: str, source: str = "127.0.0.2",
+                    timeout=30) -> smtplib.SMTP:
+    """A Python smtplib session, greeted and EHLO'd, that tripped one of the
+    guard's tests on the way; go on with `.sendmail()`, `.mail()`, ...
+    trip="pipelining": EHLO and NOOP in one write (EHLO must end a group);
+    trip="pregreet":   EHLO sent before the greeting is over.
+    Both replies the trick earns are read, so smtplib stays in step."""
+    s = smtplib.SMTP(timeout=timeout)
+    s._host = host
+    if trip == "pregreet":
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.sendall(b"EHLO early.example.test\r\n")
+        s.sock = sock
+        code, _ = s.getreply()
+        assert code == 220, code
+        code, _ = s.getreply()  # the early EHLO, answered after the greeting
+        assert code == 250, code
+    elif trip == "pipelining":
+        s.source_address = (source, 0)
+        code, _ = s.connect(host, port)
+        assert code == 220, code
+        s.send("EHLO hasty.example.test\r\nNOOP\r\n")
+        code, _ = s.getreply()
+        assert code == 250, code
+        code, _ = s.getreply()
+        assert code == 250, code
+    else:
+        raise ValueError(trip)
+    CLEANUP.push("smtplib session", s.close)
+    code, _ = s.ehlo("suspect.example.test")
+    assert code == 250, code
+    return s
 
 
 def swaks(server_host: str, port: int, msg: Message | None = None, source="127.0.0.2", ns=None,

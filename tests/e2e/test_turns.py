@@ -166,3 +166,48 @@ def test_a_client_that_does_not_wait_for_a_held_reply_is_caught(sink, make_guard
     guard.wait_log(r"PIPELINING from \[127\.0\.0\.2\]:\d+: MAIL sent before the reply to EHLO")
     guard.wait_metric("mxguard_detections_total", 1, test="pipelining")
     assert "MAIL FROM:<bot@hasty.example.test>" not in sink.commands()
+
+
+ALL_DELAYS = {f"turns.reply_delay.{k}": "300ms" for k in ("ehlo", "helo", "mail", "rcpt", "data", "end_of_data",
+                                                          "other")}
+
+
+def test_postfix_and_exim_wait_out_held_replies_without_a_violation(mta, make_guard, workdir):
+    """Every reply held 300 ms: a held reply counts as not received, and real
+    clients, pipelining or not, still never send what they must not."""
+    guard = make_guard(upstream=mta.addr, **ALL_DELAYS, **{"pass_cache.ttl": "0s"})
+    sender = PostfixSender(workdir, relay=f"[127.0.0.1]:{guard.port}", bind="127.0.0.4")
+    msgs = [make_message(), make_message()]
+
+    sender.send(msgs[0])
+    sender.wait_sent(count=1)
+    if exim_unavailable() is None:
+        exim = EximSender(workdir, "127.0.0.1", guard.port, bind="127.0.0.5")
+        result = exim.send(msgs[1])
+        assert result.rc == 0 and "MAIL|" in result.cmdlog, result.transcript
+    else:
+        sender.send(msgs[1])
+        sender.wait_sent(count=2)
+
+    for msg in msgs:
+        assert strip_trace_headers(mta.wait_for(msg.token)) == lf(msg.data)
+    assert detections(guard) == {}, guard.log()[-3000:]
+    assert all(v["verdict"] == "pass" for v in guard.verdicts()), guard.verdicts()
+
+
+def test_the_time_a_client_takes_to_answer_is_recorded(sink, make_guard):
+    """The timing classifier's raw material: turns counted, and the shortest
+    gap between the end of our reply and the client's next command —
+    measured from when the (held) reply went out, not from when the MTA
+    answered."""
+    guard = make_guard(upstream=sink.addr, **{"turns.reply_delay.ehlo": "300ms"})
+    c = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    assert c.read_reply().code == 220
+    for cmd in (b"EHLO slow.example.test\r\n", b"NOOP\r\n", b"QUIT\r\n"):
+        time.sleep(0.25)
+        c.command(cmd)
+    c.close()
+
+    verdict = guard.wait_verdict("127.0.0.2")
+    assert int(verdict["turns"]) == 3, verdict
+    assert 250 <= float(verdict["min_gap_ms"]) < 400, verdict
