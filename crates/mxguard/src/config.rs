@@ -591,7 +591,7 @@ pub struct Overrides {
     /// How long to hold the greeting, e.g. 6s, 500ms, 0s.
     #[arg(long, value_name = "DURATION")]
     pub greet_delay: Option<Dur>,
-    /// reject | drop | observe
+    /// observe | tag | tarpit | quarantine | discard | tempfail | reject | drop
     #[arg(long, value_name = "ACTION")]
     pub pregreet_action: Option<PregreetAction>,
     /// Admin listener address ("" disables).
@@ -817,6 +817,22 @@ impl Config {
             &self.nftables,
         ) {
             return bad(&key, message);
+        }
+        // A bare word must be a level: `inof` would parse as a target name
+        // and silently turn every log line off.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let bare_ok = self.log.level.split(',').all(|d| {
+            let d = d.trim();
+            d.contains('=') || LEVELS.contains(&d.to_ascii_lowercase().as_str())
+        });
+        if !bare_ok {
+            return bad(
+                "log.level",
+                format!(
+                    "`{}`: a level is one of trace, debug, info, warn, error, off (or target=level)",
+                    self.log.level
+                ),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad(

@@ -49,6 +49,31 @@ async fn demo(greet_delay: Dur) -> anyhow::Result<bool> {
     let connections = Arc::new(AtomicUsize::new(0));
     tokio::spawn(stand_in_mta(mta, delivered.clone(), connections.clone()));
 
+    // A state of its own: a blocklist persisted by an earlier run (or by a
+    // guard installed on this host) must not change what the demo shows.
+    let scratch = std::env::temp_dir().join(format!("mxguard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let config = scratch.join("demo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = {:?}\n\n[quarantine]\ndir = {:?}\n",
+            scratch.join("state").display().to_string(),
+            scratch.join("quarantine").display().to_string(),
+        ),
+    )?;
+    let result = run_demo(greet_delay, mta_addr, &config, delivered, connections).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+async fn run_demo(
+    greet_delay: Dur,
+    mta_addr: SocketAddr,
+    config: &std::path::Path,
+    delivered: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+) -> anyhow::Result<bool> {
     let guard_addr = free_port().await?;
     let admin_addr = free_port().await?;
     println!("== mxguard demo ==");
@@ -56,7 +81,9 @@ async fn demo(greet_delay: Dur) -> anyhow::Result<bool> {
 
     let exe = std::env::current_exe()?;
     let mut guard = tokio::process::Command::new(exe)
-        .args(["run", "--mode", "fixed"])
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--mode", "fixed"])
         .args(["--listen", &guard_addr.to_string()])
         .args(["--upstream", &mta_addr.to_string()])
         .args(["--greet-delay", &greet_delay.to_string()])

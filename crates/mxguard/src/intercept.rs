@@ -7,7 +7,8 @@
 //! modes are tested in network namespaces.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 use tokio::net::TcpStream;
 
@@ -33,6 +34,12 @@ pub trait OriginalDestination: Send + Sync {
     /// see the client's own address.
     fn upstream_source(&self, _client: SocketAddr) -> Option<SocketAddr> {
         None
+    }
+
+    /// The destination is read off the accepted socket's local address (so
+    /// "destination equals local address" is no sign of a loop).
+    fn dst_is_local_addr(&self) -> bool {
+        false
     }
 }
 
@@ -64,6 +71,10 @@ impl OriginalDestination for Tproxy {
         Ok(local)
     }
 
+    fn dst_is_local_addr(&self) -> bool {
+        true
+    }
+
     fn upstream_source(&self, client: SocketAddr) -> Option<SocketAddr> {
         // Port 0: the kernel picks a free port on the client's address.
         self.transparent_upstream
@@ -92,21 +103,55 @@ pub fn resolve(
     let dst = intercept
         .original_dst(accepted, local)
         .map_err(InterceptError::Unknown)?;
-    if is_loop(dst, local, listeners) {
+    let direct = !intercept.dst_is_local_addr() && same(dst, local);
+    if direct && listeners.iter().any(|l| l.port() == local.port()) {
+        // Not diverted at all: a client connected straight to our port.
+        return Err(InterceptError::Loop(dst));
+    }
+    if is_loop(dst, listeners, &is_local_ip) {
         return Err(InterceptError::Loop(dst));
     }
     Ok(dst)
 }
 
-fn is_loop(dst: SocketAddr, local: SocketAddr, listeners: &[SocketAddr]) -> bool {
+/// The destination is one of our own listeners: on a local address (or
+/// an address a listener is bound to) at a listening port.
+fn is_loop(dst: SocketAddr, listeners: &[SocketAddr], is_local: &dyn Fn(IpAddr) -> bool) -> bool {
     let dst = canonical(dst);
-    if dst == canonical(local) && listeners.iter().any(|l| l.port() == local.port()) {
-        return true;
-    }
     listeners.iter().any(|l| {
         let l = canonical(*l);
-        l.port() == dst.port() && (l.ip().is_unspecified() || l.ip() == dst.ip())
+        l.port() == dst.port()
+            && (l.ip() == dst.ip() || (l.ip().is_unspecified() && is_local(dst.ip())))
     })
+}
+
+fn same(a: SocketAddr, b: SocketAddr) -> bool {
+    canonical(a) == canonical(b)
+}
+
+/// This host's addresses, read once (getifaddrs): an upstream on another
+/// host at our listening port is no loop, one on this host is.
+fn is_local_ip(ip: IpAddr) -> bool {
+    static LOCAL: OnceLock<Vec<IpAddr>> = OnceLock::new();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    LOCAL
+        .get_or_init(|| {
+            nix::ifaddrs::getifaddrs()
+                .map(|addrs| {
+                    addrs
+                        .filter_map(|a| a.address)
+                        .filter_map(|a| {
+                            a.as_sockaddr_in()
+                                .map(|v4| IpAddr::V4(v4.ip()))
+                                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .contains(&ip)
 }
 
 /// IPv4-mapped IPv6 addresses compare as the IPv4 they are.
@@ -128,45 +173,40 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn local_if_loopback(ip: IpAddr) -> bool {
+        ip.is_loopback() || ip == "192.0.2.1".parse::<IpAddr>().unwrap()
+    }
+
     #[test]
     fn a_connection_to_our_own_listener_is_a_loop() {
         let listeners = [a("0.0.0.0:10025")];
-        assert!(is_loop(
-            a("192.0.2.1:10025"),
-            a("192.0.2.1:10025"),
-            &listeners
-        ));
-        assert!(is_loop(
-            a("10.1.1.1:10025"),
-            a("192.0.2.1:10025"),
-            &listeners
-        ));
+        assert!(is_loop(a("192.0.2.1:10025"), &listeners, &local_if_loopback));
+        assert!(is_loop(a("127.0.0.1:10025"), &listeners, &local_if_loopback));
+        let listeners = [a("127.0.0.1:2525")];
+        assert!(is_loop(a("127.0.0.1:2525"), &listeners, &local_if_loopback));
     }
 
     #[test]
     fn a_diverted_connection_to_the_mta_is_not_a_loop() {
         let listeners = [a("0.0.0.0:10025")];
-        assert!(!is_loop(
-            a("192.0.2.25:25"),
-            a("192.0.2.1:10025"),
-            &listeners
-        ));
+        assert!(!is_loop(a("192.0.2.25:25"), &listeners, &local_if_loopback));
         let listeners = [a("127.0.0.1:2525")];
-        assert!(!is_loop(
-            a("127.0.0.2:2525"),
-            a("127.0.0.1:2525"),
-            &listeners
-        ));
+        assert!(!is_loop(a("127.0.0.2:2525"), &listeners, &local_if_loopback));
+    }
+
+    #[test]
+    fn an_mta_on_another_host_at_our_port_is_not_a_loop() {
+        // fixed mode: listen on 0.0.0.0:25, the MTA is 198.51.100.25:25.
+        let listeners = [a("0.0.0.0:25")];
+        assert!(!is_loop(a("198.51.100.25:25"), &listeners, &local_if_loopback));
+        assert!(is_loop(a("192.0.2.1:25"), &listeners, &local_if_loopback));
     }
 
     #[test]
     fn mapped_addresses_are_compared_as_ipv4() {
         let listeners = [a("127.0.0.1:2525")];
-        assert!(is_loop(
-            a("[::ffff:127.0.0.1]:2525"),
-            a("127.0.0.1:2525"),
-            &listeners
-        ));
+        assert!(is_loop(a("[::ffff:127.0.0.1]:2525"), &listeners, &local_if_loopback));
+        assert!(same(a("[::ffff:127.0.0.1]:2525"), a("127.0.0.1:2525")));
     }
 
     #[test]

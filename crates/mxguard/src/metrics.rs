@@ -154,7 +154,7 @@ impl Metrics {
                 "mxguard_greet_held_seconds",
                 "How long clients were held before the greeting ended or they left.",
             )
-            .buckets(vec![0.1, 0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 30.0]),
+            .buckets(vec![0.1, 0.5, 1.0, 2.0, 4.0, 6.0, 6.5, 8.0, 12.0, 30.0]),
             &["outcome"],
         )?;
         registry.register(Box::new(greet_held_seconds.clone()))?;

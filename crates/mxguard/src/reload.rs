@@ -92,7 +92,7 @@ impl Shared {
                     .map_err(|e| format!("log.events: {e}"))?;
                 Ok((new, tokens))
             });
-        let (new, tokens) = match prepared {
+        let (mut new, tokens) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 self.metrics.reload_result(false);
@@ -108,6 +108,14 @@ impl Shared {
         let mut warnings = Vec::new();
         let needs_restart = [
             (
+                "limits.blocklist_max",
+                old.limits.blocklist_max != new.limits.blocklist_max,
+            ),
+            (
+                "pass_cache.max_entries",
+                old.pass_cache.max_entries != new.pass_cache.max_entries,
+            ),
+            (
                 "intercept.listen",
                 old.intercept.listen != new.intercept.listen,
             ),
@@ -122,6 +130,11 @@ impl Shared {
                 warnings.push(format!("`{key}` changed; it takes effect at restart"));
             }
         }
+        // The listeners were bound for the running mode and addresses:
+        // sessions must go on reading their destination the way those
+        // listeners deliver it until a restart.
+        new.intercept.mode = old.intercept.mode;
+        new.intercept.listen = old.intercept.listen.clone();
         if new.uses_quarantine() && self.quarantine.is_none() {
             let w = "quarantine is now an action but its store opens at start: restart to use it (until then such mail gets 451)";
             tracing::warn!("reload: {w}");
