@@ -347,6 +347,16 @@ class SmtpSink:
     def log(self) -> str:
         return self.proc.stderr()
 
+    def no_messages(self) -> bool:
+        """No transaction completed and none is open: smtp-sink opens a dump
+        file at MAIL and removes it at RSET, QUIT or a cut connection, so
+        wait a moment for an abandoned transaction's file to go."""
+        try:
+            wait_until(lambda: not any(self.dump.iterdir()), 3, "an open smtp-sink transaction to be dropped")
+        except AssertionError:
+            return False
+        return not re.search(r"^smtp-sink: \.$", self.log(), re.M)
+
     def connections(self) -> list[str]:
         """Client addresses of every connection smtp-sink accepted so far."""
         return re.findall(r"smtp-sink: connect \(AF_INET6? ([^)]+)\)", self.log())

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from peers import PostfixMta, RawClient, strip_trace_headers
+from peers import PostfixMta, RawClient, strip_trace_headers, wait_until
 
 # (id, the sequence that follows the outer message's text, a look-alike?)
 PAYLOADS = [
@@ -196,3 +196,37 @@ def test_reject_mode_refuses_the_message_even_when_the_test_only_observes(victim
     again = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
     assert again.read_line()[1].startswith(b"220-"), "not blocklisted"
     again.close()
+
+
+@pytest.mark.parametrize("mode", ["reject", "normalize"])
+def test_a_quarantined_message_with_a_look_alike(mode, sink, make_guard, workdir):
+    """The guard stores the message itself here, so it must also agree with
+    itself about where it ends: refused and not stored (reject), or stored
+    whole with the look-alike as a line of content (normalize)."""
+    guard = make_guard(upstream=sink.addr, **{"turns.smuggling": mode, "actions.smuggling": "observe",
+                                             "actions.pipelining": "quarantine",
+                                             "quarantine.dir": str(workdir / "q")})
+    c = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    assert c.read_reply().code == 220
+    c.send(b"EHLO hasty.example.test\r\nNOOP\r\n")  # trips pipelining: quarantine
+    assert [c.read_reply().code for _ in range(2)] == [250, 250]
+    for cmd in (b"MAIL FROM:<alice@sender.example.test>\r\n", b"RCPT TO:<bob@example.test>\r\n"):
+        assert c.command(cmd).code == 250
+    assert c.command(b"DATA\r\n").code == 354
+    c.send(payload(b"\n.\n", "q"))
+    reply = c.read_reply()
+    c.close()
+
+    new, tmp = workdir / "q" / "new", workdir / "q" / "tmp"
+    if mode == "reject":
+        assert reply.code == 554, reply.text
+        wait_until(lambda: not list(tmp.iterdir()), 5, "the partial quarantine file removed")
+        assert list(new.iterdir()) == []
+    else:
+        assert reply.code == 250, reply.text
+        [path] = list(new.iterdir())
+        stored = path.read_bytes().partition(b"\n")[2]
+        assert stored == normalised(b"\n.\n", "q").replace(b"\n", b"\r\n")
+    # smtp-sink opens a dump file at MAIL and removes it at RSET or a cut
+    wait_until(lambda: not list(sink.dump.iterdir()), 5, "no message at the MTA")
+    assert not re.search(r"smtp-sink: (DATA|\.)$", sink.log(), re.M), sink.log()
