@@ -159,7 +159,8 @@ impl Shared {
     pub fn lists_changed(&self) {
         self.metrics
             .blocklist_entries
-            .set_dynamic(self.lists.dynamic_len() as i64);
+            .with_label_values(&["dynamic"])
+            .set(self.lists.dynamic_len() as i64);
     }
 
     fn purge_blocklist(&self) {
@@ -506,23 +507,5 @@ fn raise_nofile_limit() {
         },
         Ok((soft, _)) => tracing::debug!("descriptor limit {soft}"),
         Err(e) => tracing::warn!("cannot read the descriptor limit: {e}"),
-    }
-}
-
-/// The blocklist gauge is a plain gauge or one labelled by source,
-/// depending on the metrics module's version (being reworked alongside).
-trait ListGauge {
-    fn set_dynamic(&self, n: i64);
-}
-
-impl ListGauge for prometheus::IntGauge {
-    fn set_dynamic(&self, n: i64) {
-        self.set(n);
-    }
-}
-
-impl ListGauge for prometheus::IntGaugeVec {
-    fn set_dynamic(&self, n: i64) {
-        self.with_label_values(&["dynamic"]).set(n);
     }
 }
