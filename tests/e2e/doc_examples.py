@@ -140,7 +140,7 @@ def pregreet():
     c = client(d, g)
     c.read_line()
     d.p(f"[{c.lines[0][0]:5.2f}] S: {show(c.lines[0][1]).rstrip()}")
-    
+
     c.send(b"EHLO bot.example.test\r\n")
     c.finish()
     section(d, "log")
@@ -433,7 +433,7 @@ def action_example(name, action, extra=None):
     cfg.update(extra or {})
     g = G.Guard(d.w, upstream=sink.addr, **cfg)
     msg = make_message(body_lines=["Hello Bob,", ".a dot-leading line", "bye"])
-    msg.data = b"\r\n".join(l for l in msg.data.split(b"\r\n") if not l.startswith((b"Date:", b"MIME-Version", b"Content-Type"))) 
+    msg.data = b"\r\n".join(l for l in msg.data.split(b"\r\n") if not l.startswith((b"Date:", b"MIME-Version", b"Content-Type")))
     c = client(d, g)
     try:
         trip(c)

@@ -711,11 +711,12 @@ begin retry
 class EximMta:
     """Exim 4 as the MTA: `exim4 -bdf` (in the foreground) on HOST:PORT
     accepting every recipient into a Maildir. It offers PIPECONNECT (Exim's
-    early pipelining), PIPELINING and CHUNKING; `extra_config` is appended
-    (e.g. a `begin authenticators` section)."""
+    early pipelining), PIPELINING and CHUNKING; `extra_main` goes with the
+    main options (e.g. `prdr_enable = true`), `extra_config` at the end (e.g.
+    a `begin authenticators` section)."""
 
     def __init__(self, workdir: Path, host="127.0.0.1", port=None, name="exim-mta",
-                 hostname=f"exim-mta.{TEST_DOMAIN}", extra_config: str = ""):
+                 hostname=f"exim-mta.{TEST_DOMAIN}", extra_config: str = "", extra_main: str = ""):
         self.host = host
         self.port = port or free_port(host)
         self.dir = workdir / name
@@ -741,6 +742,7 @@ pipelining_connect_advertise_hosts = *
 tls_advertise_hosts =
 received_header_text =
 acl_smtp_rcpt = accept_all
+{extra_main}
 begin acl
 accept_all:
   accept

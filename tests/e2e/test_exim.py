@@ -17,7 +17,8 @@ import smtplib
 
 import pytest
 
-from peers import EximMta, EximSender, RawClient, exim_unavailable, lf, make_message, strip_trace_headers
+from peers import (ClosedError, EximMta, EximSender, RawClient, exim_unavailable, lf, make_message,
+                   strip_trace_headers, wait_until)
 
 pytestmark = pytest.mark.skipif(exim_unavailable() is not None, reason=str(exim_unavailable()))
 
@@ -161,3 +162,69 @@ def test_a_command_pipelined_after_auth_is_a_violation(workdir, make_guard):
 
     assert tail.endswith(b"554 5.7.1 guard.example.test Error: protocol violation (pipelining)\r\n"), tail
     guard.wait_log(r"PIPELINING from \[127\.0\.0\.2\]:\d+: MAIL sent before the reply to AUTH")
+
+
+# --------------------------------------------------------------------------
+# PRDR (Exim's per-recipient data responses): more than one reply to the end
+# of a message
+
+
+def prdr_session(port: int) -> tuple[list[str], bytes]:
+    """A two-recipient PRDR message, then — pipelined right behind its final
+    dot, as RFC 2920 allows — the next transaction. Returns every reply line
+    and the bytes left when the connection closed."""
+    c = RawClient("127.0.0.1", port, source="127.0.0.2")
+    replies = []
+
+    def read(n):
+        for _ in range(n):
+            if c.eof:
+                return
+            try:
+                replies.append(c.read_reply(timeout=5).lines[-1].decode().strip())
+            except ClosedError:
+                return
+
+    read(1)
+    ehlo = c.command(b"EHLO client.example.test\r\n")
+    assert b"PRDR" in b"".join(ehlo.lines), ehlo.text
+    envelope = (b"MAIL FROM:<alice@sender.example.test> PRDR\r\n"
+                b"RCPT TO:<bob@example.test>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
+    c.send(envelope)
+    read(4)
+    c.send(b"Subject: one\r\n\r\nthe first message\r\n.\r\n" + envelope)
+    read(4 + 4)  # 353, 250 per recipient, final 250; then 250 250 250 354
+    if not c.eof:
+        c.send(b"Subject: two\r\n\r\nthe second message\r\n.\r\nQUIT\r\n")
+        read(4 + 1)
+    c.close()
+    return replies, c.received
+
+
+def test_prdr_without_the_guard(workdir):
+    """The control: straight to an Exim MTA with PRDR on."""
+    mta = EximMta(workdir, extra_main="prdr_enable = true")
+    replies, _ = prdr_session(mta.port)
+    assert [r[:3] for r in replies] == ["220", "250", "250", "250", "354",
+                                        "353", "250", "250", "250", "250", "250", "250", "354",
+                                        "353", "250", "250", "250", "221"], replies
+    wait_until(lambda: len(mta.stored()) == 4, 10, "both messages, to both recipients")
+
+
+def test_prdr_replies_do_not_desynchronise_the_watch(workdir, make_guard):
+    """PRDR answers the end of a message with 353, one reply per recipient
+    and a final one. The watch must not take the extra replies for the
+    answers to the client's next, pipelined commands — it would then read
+    the second message as commands, flag a legitimate client and lose its
+    mail (and, with it, stop scanning message bodies for the session)."""
+    mta = EximMta(workdir, extra_main="prdr_enable = true")
+    guard = make_guard(upstream=mta.addr)
+
+    replies, received = prdr_session(guard.port)
+
+    assert [r[:3] for r in replies] == ["220", "250", "250", "250", "354",
+                                        "353", "250", "250", "250", "250", "250", "250", "354",
+                                        "353", "250", "250", "250", "221"], (replies, received)
+    wait_until(lambda: len(mta.stored()) == 4, 10, "both messages, to both recipients")
+    verdict = guard.wait_verdict("127.0.0.2")
+    assert (verdict["verdict"], verdict["test"]) == ("pass", "none"), verdict

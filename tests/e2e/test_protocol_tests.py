@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from peers import PostfixMta, RawClient, make_message, wait_until
+from peers import PostfixMta, RawClient, lf, make_message, swaks, wait_until
 
 SENDER = "bot@bot.example.test"
 RCPT = "bob@example.test"
@@ -198,6 +198,10 @@ def test_observe_only_logs_and_counts(name, sink, make_guard):
     # The guard does not end the session (the MTA may, on garbage).
     if test not in ("tls-on-plaintext", "long-line"):  # smtp-sink hangs up on those itself
         assert not client.closed_within(0.5), client.received
+    if name == "early-data":
+        # held until the 354, then passed on: the MTA gets the message whole
+        [stored] = sink.wait_messages(1)
+        assert stored.content == lf(body()[:-3])
     client.close()
     verdict = guard.wait_verdict("127.0.0.2")
     assert verdict["verdict"] == "pass" and test in verdict["test"].split(","), verdict
@@ -275,3 +279,23 @@ def test_bytes_after_starttls_are_discarded_before_the_mta(action, chatty_mta, m
     log = chatty_mta.log()
     assert "injected@bot.example.test" not in log, "the MTA read the injected command"
     assert "SSL_accept error" not in log
+
+
+def test_a_sender_configured_for_implicit_tls_is_not_blocklisted_as_a_pregreet(sink, make_guard, workdir):
+    """A real sender set up for implicit TLS (port 465 style) on port 25:
+    a TLS client speaks first, so its ClientHello arrives at connect, before
+    any greeting — not after it like the scripted bot above. It is the
+    misconfigured real sender `tls-on-plaintext` exists for, and must not be
+    blocklisted as a pregreet bot."""
+    guard = make_guard(upstream=sink.addr)
+
+    out = swaks("127.0.0.1", guard.port, make_message(), source="127.0.0.2", extra=["--tls-on-connect"],
+                check=False, workdir=workdir)
+    assert out.returncode != 0 and b"TLS startup failed" in out.stderr, out.stderr
+
+    guard.wait_log(r"TLS-ON-PLAINTEXT from \[127\.0\.0\.2\]:\d+: TLS handshake on the plaintext port")
+    guard.wait_metric("mxguard_detections_total", 1, test="tls-on-plaintext")
+    again = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    first = again.read_line(timeout=3)[1]
+    again.close()
+    assert first.startswith(b"220-guard.example.test"), f"blocklisted: {first!r}"

@@ -18,6 +18,7 @@ Byte sequences that are no look-alike (NUL tricks aimed at other MTAs, a
 dot-stuffed line) go through as content in both modes.
 """
 
+import json
 import re
 import time
 
@@ -225,8 +226,11 @@ def test_a_quarantined_message_with_a_look_alike(mode, sink, make_guard, workdir
     else:
         assert reply.code == 250, reply.text
         [path] = list(new.iterdir())
-        stored = path.read_bytes().partition(b"\n")[2]
+        header, _, stored = path.read_bytes().partition(b"\n")
         assert stored == normalised(b"\n.\n", "q").replace(b"\n", b"\r\n")
+        # docs/quarantine.md: `tests` are the tests that fired — here also the
+        # one the stored message itself fired
+        assert json.loads(header)["tests"] == ["pipelining", "smuggling"], header
     # smtp-sink opens a dump file at MAIL and removes it at RSET or a cut
     wait_until(lambda: not list(sink.dump.iterdir()), 5, "no message at the MTA")
     assert not re.search(r"smtp-sink: (DATA|\.)$", sink.log(), re.M), sink.log()
