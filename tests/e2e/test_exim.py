@@ -80,6 +80,30 @@ def test_an_exim_that_learned_pipeconnect_before_the_guard_came_does_not_lose_ma
         "a message bounced:\n" + "\n".join(r.transcript for r in results)
 
 
+def test_with_pregreet_tag_such_an_exim_is_delivered_tagged(workdir, make_guard):
+    """The way around it while deploying: `pregreet.action = "tag"` (and
+    pipelining observed) lets the early transaction through — BDAT chunk
+    and all — with the tag header, so nothing bounces."""
+    mta = EximMta(workdir)
+    exim = EximSender(workdir, "127.0.0.1", mta.port, transport_options=PIPE_CONNECT)
+    assert exim.send(make_message()).rc == 0
+    port = mta.port
+    mta.proc.kill()
+    behind = EximMta(workdir, name="exim-mta-behind")
+    guard = make_guard(upstream=behind.addr, listen=[f"127.0.0.1:{port}"],
+                       **{"pregreet.action": "tag", "actions.pipelining": "observe"})
+    msg = make_message()
+
+    result = exim.send(msg)
+
+    assert result.rc == 0 and result.cmdlog[0] == "EHLO|", result.transcript  # it did talk first
+    assert re.search(r"SMTP[|+]> BDAT \d+ LAST", result.transcript), result.transcript
+    header = b"X-MXGuard: suspect; tests=pregreet; client=[127.0.0.5]\n"
+    assert strip_trace_headers(behind.wait_for(msg.token)) == header + lf(msg.data)
+    verdict = guard.wait_verdict("127.0.0.5")
+    assert (verdict["verdict"], verdict["test"]) == ("tag", "pregreet,pipelining"), verdict
+
+
 # --------------------------------------------------------------------------
 # AUTH (RFC 4954): the SASL exchange is not a string of unknown commands
 
