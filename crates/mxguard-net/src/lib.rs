@@ -27,6 +27,9 @@
 //! pub trait RelayObserver: Sync { fn relayed(&self, mode: RelayMode, dir: Direction, n: u64); }
 //! pub enum RelayError { Client{..}, Upstream{..}, Idle{..}, Local{..} }  // who caused it
 //!
+//! // the holding pen's epoll set, woken through tokio
+//! pub fn watched_poll() -> io::Result<AsyncFd<mio::Poll>>
+//!
 //! // timing features
 //! pub fn tcp_rtt(sock: &impl AsFd) -> io::Result<Duration>
 //! ```
@@ -39,11 +42,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod epoll;
 pub mod orig_dst;
 pub mod relay;
 pub mod sockets;
 pub mod tcp_info;
 
+pub use epoll::watched_poll;
 pub use orig_dst::original_dst;
 pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
 pub use sockets::{bind_listener, connect_upstream};

@@ -68,6 +68,25 @@ pub struct Permit<'a> {
     permit: Option<ConnectionPermit>,
 }
 
+impl Permit<'_> {
+    /// The count, taken out for a session parked off its task (the holding
+    /// pen): it stays counted until [`AdmissionControl::reattach`]ed and
+    /// dropped.
+    pub fn detach(mut self) -> Option<ConnectionPermit> {
+        self.permit.take()
+    }
+}
+
+impl AdmissionControl {
+    /// A detached count as a permit again.
+    pub fn reattach(&self, permit: Option<ConnectionPermit>) -> Permit<'_> {
+        Permit {
+            control: self,
+            permit,
+        }
+    }
+}
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.permit.take() {

@@ -21,6 +21,7 @@ mod logging;
 mod metrics;
 mod nft;
 mod notify;
+mod pen;
 mod quarantine;
 mod reload;
 mod server;

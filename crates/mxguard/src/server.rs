@@ -54,6 +54,8 @@ pub struct Shared {
     /// message to quarantine gets a 451, never a 250).
     pub quarantine: Option<Quarantine>,
     pub sessions: SessionTable,
+    /// Sessions waiting out a long greet delay without a task (`pen`).
+    pub pen: crate::pen::Pen,
     /// Allow/block files and the dynamic overlay (`lists`).
     pub lists: Lists,
     /// Rate and connection limits, reputation, sender limits (`admission`).
@@ -100,6 +102,7 @@ impl Shared {
             listen_addrs,
             quarantine,
             sessions: SessionTable::default(),
+            pen: crate::pen::Pen::default(),
             lists,
             admission,
             passed: Mutex::new(passed),
@@ -204,7 +207,7 @@ impl Shared {
         self.live.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn session_ended(&self) {
+    pub(crate) fn session_ended(&self) {
         if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
@@ -412,8 +415,11 @@ async fn accept_loop(
                 shared.session_started();
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    crate::session::run(shared.clone(), stream, peer).await;
-                    shared.session_ended();
+                    match crate::session::run(shared.clone(), stream, peer).await {
+                        // It waits out its greet delay without this task.
+                        Some(parked) => shared.pen.park(parked),
+                        None => shared.session_ended(),
+                    }
                 });
             }
             Err(e) => {

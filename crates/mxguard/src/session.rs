@@ -21,7 +21,9 @@
 //!
 //! Held sessions are the common case under attack, so the greet phase
 //! allocates nothing until something happens: no buffer, no upstream socket
-//! (lazy connect), one descriptor.
+//! (lazy connect), one descriptor. A session whose wait is long enough
+//! leaves its task for the holding pen (`pen`) until the upstream is due
+//! or the client stirs, then goes on in [`resume`].
 
 use std::future::Future;
 use std::io;
@@ -40,11 +42,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use crate::admission::Gate;
+use crate::admission::{Gate, Permit};
 use crate::admission_config::OverLimit;
 use crate::config::{RelayMode, UpstreamConnect, Watch};
 use crate::intercept::{self, InterceptError};
-use crate::metrics::Phase;
+use crate::metrics::{Phase, PhaseGuard};
 use crate::server::{Runtime, Shared};
 use crate::sessions::{SessionHandle, SessionPhase};
 use crate::watch::WatchEnd;
@@ -102,8 +104,9 @@ impl Record<'_> {
     }
 }
 
-/// Drives one accepted connection to its end, then logs its verdict.
-pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+/// Drives one accepted connection to its end, then logs its verdict; or
+/// returns it parked, to wait out its greet delay in the holding pen.
+pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) -> Option<Parked> {
     let started = Instant::now();
     let runtime = shared.runtime.load_full();
     let mut record = Record {
@@ -119,7 +122,75 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         min_gap: None,
         authenticated: false,
     };
-    drive(&shared, &runtime, client, started, &mut record).await;
+    if let Some(parking) = drive(&shared, &runtime, client, started, &mut record).await {
+        return Some(parking.parked(shared.clone(), runtime.clone(), record, started));
+    }
+    finish(&shared, &runtime, record, started);
+    None
+}
+
+/// A session back from the holding pen: the greeting goes on where it
+/// stopped, in a task again.
+pub async fn resume(parked: Parked) {
+    let Parked {
+        shared,
+        runtime,
+        client,
+        wake: _,
+        peer,
+        dst,
+        started,
+        hold,
+        session,
+        permit,
+        tests,
+        bytes_down,
+        known,
+        tarpit,
+        phase,
+    } = parked;
+    let mut record = Record {
+        live: shared.sessions.attach(session),
+        client: peer,
+        orig_dst: Some(dst),
+        verdict: Verdict::Error,
+        tests,
+        end: "",
+        bytes_up: 0,
+        bytes_down,
+        turns: 0,
+        min_gap: None,
+        authenticated: false,
+    };
+    match TcpStream::from_std(client) {
+        Ok(client) => {
+            let after = Admitted {
+                dst,
+                hold,
+                allowed: false,
+                known,
+                tarpit,
+                permit: Some(shared.admission.reattach(permit)),
+            };
+            Box::pin(greet_and_relay(
+                &shared,
+                &runtime,
+                client,
+                started,
+                after,
+                phase,
+                &mut record,
+            ))
+            .await;
+        }
+        Err(_) => record.end = "reset",
+    }
+    finish(&shared, &runtime, record, started);
+}
+
+/// Logs and counts a session that ended.
+fn finish(shared: &Shared, runtime: &Runtime, record: Record<'_>, started: Instant) {
+    let peer = record.client;
     if record.verdict == Verdict::Pass && record.tests.is_empty() && record.turns > 0 {
         shared.remember_pass(peer.ip(), runtime.config.pass_cache.ttl.0);
     }
@@ -168,20 +239,21 @@ pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
     );
 }
 
-async fn drive(
-    shared: &Shared,
+/// Resolve and admit; then either park the session or go on with it.
+async fn drive<'s>(
+    shared: &'s Shared,
     runtime: &Runtime,
     mut client: TcpStream,
     started: Instant,
     record: &mut Record<'_>,
-) {
+) -> Option<Parking<'s>> {
     let config = &runtime.config;
     let peer = record.client;
     let local = match client.local_addr() {
         Ok(local) => local,
         Err(_) => {
             record.end = "reset";
-            return;
+            return None;
         }
     };
     let dst = match intercept::resolve(
@@ -200,13 +272,13 @@ async fn drive(
             record.verdict = Verdict::Loop;
             record.orig_dst = Some(dst);
             record.end = "loop";
-            return;
+            return None;
         }
         Err(InterceptError::Unknown(e)) => {
             tracing::warn!("NODEST from [{}]:{}: {e}; refused", peer.ip(), peer.port());
             record.verdict = Verdict::Error;
             record.end = "nodest";
-            return;
+            return None;
         }
     };
     record.orig_dst = Some(dst);
@@ -217,7 +289,7 @@ async fn drive(
     let gate = shared.admission.admit(shared, runtime, peer.ip()).await;
     let allowed = matches!(gate, Gate::Allowlisted);
     let mut tarpit = false;
-    let _permit = match gate {
+    let permit = match gate {
         Gate::Blocked => {
             let reply = blocked_reply(&config.hostname, peer.ip());
             record.bytes_down += write_reply(&mut client, &reply).await;
@@ -225,11 +297,11 @@ async fn drive(
             record.verdict = Verdict::Blocked;
             record.fired("blocklist");
             record.end = "closed";
-            return;
+            return None;
         }
         Gate::Refused(limited, response) => {
             refuse_over_limit(&mut client, config, peer, &limited, response, record).await;
-            return;
+            return None;
         }
         Gate::Allowlisted => None,
         Gate::Admitted(permit) => Some(permit),
@@ -260,10 +332,147 @@ async fn drive(
         Hold::from(&config.greet)
     };
 
-    let greeted = {
-        let _phase = shared.metrics.enter(Phase::Greet);
-        greet(shared, runtime, &mut client, dst, started, hold, record).await
+    let phase = shared.metrics.enter(Phase::Greet);
+    if hold.challenge {
+        let line = challenge_line(&config.hostname);
+        record.bytes_down += write_reply(&mut client, &line).await;
+    }
+    let after = Admitted {
+        dst,
+        hold,
+        allowed,
+        known,
+        tarpit,
+        permit,
     };
+    // A long wait is held in the pen, not in this task.
+    let wake = hold.connect_at(started);
+    if wake.saturating_duration_since(Instant::now()) >= crate::pen::PARK_MIN {
+        match client.into_std() {
+            Ok(client) => {
+                return Some(Parking {
+                    client,
+                    wake,
+                    after,
+                    phase,
+                })
+            }
+            Err(_) => {
+                record.end = "reset";
+                return None;
+            }
+        }
+    }
+    // Boxed: the greeting's and the relay's state is allocated only for
+    // sessions that get there, not in every accepted session's task.
+    Box::pin(greet_and_relay(
+        shared, runtime, client, started, after, phase, record,
+    ))
+    .await;
+    None
+}
+
+/// What admission decided, carried through the greeting to the end.
+struct Admitted<'s> {
+    dst: SocketAddr,
+    hold: Hold,
+    allowed: bool,
+    /// Passed every test lately (pass cache).
+    known: bool,
+    tarpit: bool,
+    /// Counted against the client's connection cap until the session ends.
+    permit: Option<Permit<'s>>,
+}
+
+/// A session on its way to the holding pen.
+struct Parking<'s> {
+    client: std::net::TcpStream,
+    wake: Instant,
+    after: Admitted<'s>,
+    phase: PhaseGuard,
+}
+
+impl Parking<'_> {
+    fn parked(
+        self,
+        shared: Arc<Shared>,
+        runtime: Arc<Runtime>,
+        record: Record<'_>,
+        started: Instant,
+    ) -> Parked {
+        let Admitted {
+            dst,
+            hold,
+            known,
+            tarpit,
+            permit,
+            ..
+        } = self.after;
+        Parked {
+            permit: permit.and_then(Permit::detach),
+            client: self.client,
+            wake: self.wake,
+            peer: record.client,
+            dst,
+            started,
+            hold,
+            session: record.live.detach(),
+            tests: record.tests,
+            bytes_down: record.bytes_down,
+            known,
+            tarpit,
+            phase: self.phase,
+            shared,
+            runtime,
+        }
+    }
+}
+
+/// A session waiting in the holding pen: all it needs to go on, and
+/// nothing more (no task, no tokio registration). Its socket is watched by
+/// the pen; its row in the live session table and its connection permit
+/// stay taken.
+pub struct Parked {
+    pub(crate) shared: Arc<Shared>,
+    runtime: Arc<Runtime>,
+    pub(crate) client: std::net::TcpStream,
+    /// When the greeting must go on (the upstream is due).
+    pub(crate) wake: Instant,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    started: Instant,
+    hold: Hold,
+    /// The live session table's id.
+    session: u64,
+    permit: Option<mxguard_policy::ConnectionPermit>,
+    tests: Vec<&'static str>,
+    bytes_down: u64,
+    known: bool,
+    tarpit: bool,
+    phase: PhaseGuard,
+}
+
+/// The greeting, then the watch or the relay, to the session's end.
+async fn greet_and_relay(
+    shared: &Shared,
+    runtime: &Runtime,
+    mut client: TcpStream,
+    started: Instant,
+    after: Admitted<'_>,
+    phase: PhaseGuard,
+    record: &mut Record<'_>,
+) {
+    let config = &runtime.config;
+    let Admitted {
+        dst,
+        hold,
+        allowed,
+        known,
+        tarpit,
+        permit: _permit,
+    } = after;
+    let greeted = greet(shared, runtime, &mut client, dst, started, hold, record).await;
+    drop(phase);
     let Some(Greeted {
         mut upstream,
         early,
@@ -393,6 +602,17 @@ struct Hold {
 }
 
 impl Hold {
+    /// When the upstream is opened: at once (eager), or `lead` before the
+    /// end of the delay (lazy).
+    fn connect_at(&self, started: Instant) -> Instant {
+        if self.eager {
+            return started;
+        }
+        (started + self.delay)
+            .checked_sub(self.lead)
+            .map_or(started, |t| t.max(started))
+    }
+
     /// No delay, no challenge: the banner is passed on when it comes.
     fn none() -> Self {
         Self {
@@ -525,18 +745,7 @@ async fn greet(
     let peer = record.client;
     let greet = &config.greet;
     let deadline = started + hold.delay;
-    let connect_at = if hold.eager {
-        started
-    } else {
-        deadline
-            .checked_sub(hold.lead)
-            .map_or(started, |t| t.max(started))
-    };
-
-    if hold.challenge {
-        let line = challenge_line(&config.hostname);
-        record.bytes_down += write_reply(client, &line).await;
-    }
+    let connect_at = hold.connect_at(started);
 
     let mut upstream = Upstream::Idle;
     let mut watch = PregreetWatch::new(started.into_std(), config.pregreet.capture);
@@ -913,11 +1122,13 @@ mod tests {
     use crate::config::Config;
     use crate::metrics::Metrics;
 
-    /// Under attack tens of thousands of sessions sit in the greet delay;
-    /// each costs its task's future. Keep it small (buffers live on the
-    /// stack of synchronous reads, the relay and rare paths are boxed).
+    /// Every accepted session's task starts with this future: resolve and
+    /// admit, then park (long delay) or go on in a boxed future. Keep it
+    /// small (buffers live on the stack of synchronous reads; the greeting,
+    /// the relay and rare paths are boxed). Sessions held for the greet
+    /// delay cost a pen slot instead (`pen::tests`).
     #[tokio::test]
-    async fn a_held_session_future_stays_small() {
+    async fn a_session_future_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
@@ -930,8 +1141,8 @@ mod tests {
         ));
         let session = run(shared, stream, peer);
         let size = std::mem::size_of_val(&session);
-        // About 2 KiB today; the held-session target (issue 6) needs
-        // holding without a task per session. This bound stops regressions.
-        assert!(size <= 2304, "session future is {size} bytes");
+        // 1,032 bytes when the pen came (it was 2,528 with the greeting
+        // inline). This bound stops regressions.
+        assert!(size <= 1152, "session future is {size} bytes");
     }
 }

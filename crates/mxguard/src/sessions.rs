@@ -103,6 +103,11 @@ impl SessionTable {
         self.live.lock().len()
     }
 
+    /// The handle of a session that was [detached](SessionHandle::detach).
+    pub fn attach(&self, id: u64) -> SessionHandle<'_> {
+        SessionHandle { table: self, id }
+    }
+
     /// The live sessions, oldest first.
     pub fn snapshot(&self) -> Vec<SessionView> {
         let now = Instant::now();
@@ -154,6 +159,16 @@ impl SessionHandle<'_> {
         if let Some(bit) = TESTS.iter().position(|t| *t == test) {
             self.table.update(self.id, |e| e.tests |= 1 << bit);
         }
+    }
+}
+
+impl SessionHandle<'_> {
+    /// The session leaves its task for the holding pen: it stays listed,
+    /// and comes back under its id with [`SessionTable::attach`].
+    pub fn detach(self) -> u64 {
+        let id = self.id;
+        std::mem::forget(self);
+        id
     }
 }
 

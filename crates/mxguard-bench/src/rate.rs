@@ -1,0 +1,113 @@
+//! `mxbench rate --target A --rate R --seconds S`: start R sessions a
+//! second for S seconds, each a whole small transaction (greeting, EHLO,
+//! MAIL, RCPT, DATA, QUIT), and time each from the instant it was due to
+//! start, not from when a thread got to it: a server that falls behind
+//! shows its queueing in the figures (no coordinated omission).
+//!
+//! Prints one JSON line: sessions done and failed, the rate achieved, and
+//! p50/p90/p99/max in milliseconds of the time to the greeting's final line
+//! and to the end of the session.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::args::Args;
+use crate::smtp::{connect, percentile, sources, Client};
+
+const BODY: &[u8] = b"From: bench@example.org\r\nTo: sink@example.net\r\nSubject: rate\r\n\r\nA small message.\r\n.\r\n";
+
+pub fn main(args: &Args) -> Result<(), String> {
+    let target = args.addr("target")?;
+    let rate: f64 = args.required("rate")?;
+    let seconds: f64 = args.get("seconds", 5.0)?;
+    let threads: usize = args.get("threads", 64)?;
+    let sources = Arc::new(sources(args.opt_str("sources"))?);
+    let total = (rate * seconds).round() as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now() + Duration::from_millis(50);
+    let next = Arc::new(AtomicUsize::new(0));
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let failed = Arc::new(AtomicUsize::new(0));
+
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (next, samples, failed, sources) = (
+                next.clone(),
+                samples.clone(),
+                failed.clone(),
+                sources.clone(),
+            );
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let due = start + interval.mul_f64(i as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+                match session(target, source, due) {
+                    Ok(sample) => samples
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(sample),
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("mxbench rate: session {i}: {e}");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let took = start.elapsed().as_secs_f64();
+    let samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut greet: Vec<f64> = samples.iter().map(|s| s.0).collect();
+    let mut done: Vec<f64> = samples.iter().map(|s| s.1).collect();
+    greet.sort_by(f64::total_cmp);
+    done.sort_by(f64::total_cmp);
+    let pct = |v: &[f64]| {
+        format!(
+            "{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}}",
+            percentile(v, 50.0),
+            percentile(v, 90.0),
+            percentile(v, 99.0),
+            percentile(v, 100.0)
+        )
+    };
+    println!(
+        "{{\"sessions\":{},\"failed\":{},\"rate\":{:.1},\"greeting_ms\":{},\"session_ms\":{}}}",
+        samples.len(),
+        failed.load(Ordering::Relaxed),
+        samples.len() as f64 / took,
+        pct(&greet),
+        pct(&done)
+    );
+    std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// One transaction; returns (greeting, end) in milliseconds after `due`.
+fn session(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    due: Instant,
+) -> std::io::Result<(f64, f64)> {
+    let mut client = Client::new(connect(target, source)?);
+    client.expect(220)?;
+    let greeted = due.elapsed().as_secs_f64() * 1e3;
+    client.command(b"EHLO bench.example\r\n", 250)?;
+    client.command(b"MAIL FROM:<bench@example.org>\r\n", 250)?;
+    client.command(b"RCPT TO:<sink@example.net>\r\n", 250)?;
+    client.command(b"DATA\r\n", 354)?;
+    client.command(BODY, 250)?;
+    client.command(b"QUIT\r\n", 221)?;
+    Ok((greeted, due.elapsed().as_secs_f64() * 1e3))
+}
