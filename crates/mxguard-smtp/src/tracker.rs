@@ -249,13 +249,16 @@ enum Turn {
     SaslResponse,
     /// Our own RSET after a diverted message: its reply is not the client's.
     InternalRset,
+    /// One of the replies PRDR (per-recipient data responses) sends after
+    /// its `353`: one per accepted recipient, then the final one.
+    PrdrPart,
 }
 
 impl Turn {
     fn ends_group(self) -> bool {
         match self {
             Turn::Command(v) => v.ends_group(),
-            Turn::EndOfData | Turn::Chunk { .. } | Turn::InternalRset => false,
+            Turn::EndOfData | Turn::Chunk { .. } | Turn::InternalRset | Turn::PrdrPart => false,
             Turn::SaslResponse => true,
         }
     }
@@ -263,7 +266,7 @@ impl Turn {
     fn verb(self) -> Verb {
         match self {
             Turn::Command(v) => v,
-            Turn::EndOfData => Verb::Data,
+            Turn::EndOfData | Turn::PrdrPart => Verb::Data,
             Turn::Chunk { .. } => Verb::Bdat,
             Turn::SaslResponse | Turn::InternalRset => Verb::Auth,
         }
@@ -1102,6 +1105,14 @@ impl TurnTracker {
                     ..Envelope::default()
                 };
             }
+            // PRDR: the end of a message is answered by 353, then a reply
+            // per accepted recipient, then a final one. They all answer the
+            // same turn; none answers a later, pipelined command.
+            Turn::EndOfData | Turn::Chunk { last: true } if code == 353 => {
+                for _ in 0..=self.envelope.rcpt_to.len() {
+                    self.pending.push_front(Pending::of(Turn::PrdrPart));
+                }
+            }
             Turn::Command(Verb::Helo) if code == 250 => {
                 self.offered = Offered::default();
                 self.envelope = Envelope {
@@ -1763,6 +1774,25 @@ mod tests {
             b"EHLO bot\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n",
             "DATA is kept for the quarantine"
         );
+    }
+
+    #[test]
+    fn prdr_replies_all_answer_the_end_of_the_message() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"MAIL FROM:<a@b> PRDR\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+        s.take_mta();
+        s.client_sends(b"one\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+        s.mta_says(b"353 PRDR\r\n250 c ok\r\n250 e ok\r\n250 done\r\n");
+        s.mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
+        s.client_sends(b"two\r\n.\r\n");
+        assert!(s.violations().is_empty(), "{:?}", s.events);
+        assert!(
+            s.take_mta().ends_with(b"two\r\n.\r\n"),
+            "the second body is a body"
+        );
+        assert_eq!(s.t.envelope().rcpt_to, vec!["c@d".to_string()]);
     }
 
     #[test]

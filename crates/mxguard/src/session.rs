@@ -751,6 +751,8 @@ async fn greet(
     let mut watch = PregreetWatch::new(started.into_std(), config.pregreet.capture);
     let mut early: Vec<u8> = Vec::new();
     let mut client_open = true;
+    // The early bytes were a TLS ClientHello (test tls-on-plaintext).
+    let mut tls_hello = false;
 
     loop {
         let now = Instant::now();
@@ -795,9 +797,26 @@ async fn greet(
                         // bytes still go to the upstream after the greeting.
                         continue;
                     }
-                    ClientRead::Early { n, event } => {
+                    ClientRead::Early { n, event, tls } => {
                         record.bytes_up += n as u64;
-                        if let Some(event) = event {
+                        if tls {
+                            // A real sender set up for implicit TLS speaks
+                            // first with a ClientHello: its own test, not a
+                            // pregreet bot to blocklist.
+                            tracing::info!(
+                                target: "mxguard::detect",
+                                "TLS-ON-PLAINTEXT from [{}]:{}: TLS handshake on the plaintext port",
+                                peer.ip(),
+                                peer.port()
+                            );
+                            shared
+                                .metrics
+                                .detections
+                                .with_label_values(&["tls-on-plaintext"])
+                                .inc();
+                            record.fired("tls-on-plaintext");
+                            tls_hello = true;
+                        } else if let Some(event) = event {
                             tracing::info!(
                                 target: "mxguard::detect",
                                 "{event} from [{}]:{}: {}",
@@ -817,7 +836,11 @@ async fn greet(
                         }
                     }
                 }
-                let action = config.pregreet.action;
+                let action = if tls_hello {
+                    config.actions.tls_on_plaintext
+                } else {
+                    config.pregreet.action
+                };
                 let (verdict, label) = match action {
                     Action::Reject => (Verdict::Reject, "reject"),
                     Action::Drop => (Verdict::Drop, "drop"),
@@ -834,7 +857,7 @@ async fn greet(
                     record.bytes_down += write_reply(client, &reply).await;
                     discard_pending(client);
                 }
-                if action != Action::Tempfail {
+                if action != Action::Tempfail && !tls_hello {
                     shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
                 }
                 record.verdict = verdict;
@@ -913,6 +936,8 @@ enum ClientRead {
     Early {
         n: usize,
         event: Option<mxguard_smtp::Pregreet>,
+        /// The first early bytes are a TLS record.
+        tls: bool,
     },
 }
 
@@ -932,10 +957,13 @@ fn read_early(
         Err(_) => return ClientRead::Closed,
     };
     let event = watch.on_early_bytes(Instant::now().into_std(), &buf[..n]);
+    let tls = event.is_some()
+        && mxguard_smtp::command::foreign(&buf[..n])
+            == Some(mxguard_smtp::command::Foreign::TlsHandshake);
     if let Some(keep) = keep {
         keep.extend_from_slice(&buf[..n]);
     }
-    ClientRead::Early { n, event }
+    ClientRead::Early { n, event, tls }
 }
 
 /// What one read of the upstream's banner gave.

@@ -516,7 +516,9 @@ impl Watcher<'_, '_> {
                     .inc();
                 format!("250 2.0.0 {host} Ok: queued\r\n")
             }
-            (_, Some(writer)) if !self.divert_failed => {
+            (_, Some(mut writer)) if !self.divert_failed => {
+                // The message itself may have fired tests (smuggling).
+                writer.set_tests(self.record.tests.iter().map(|t| t.to_string()).collect());
                 let over = writer.is_over_limit();
                 match writer.commit().await {
                     Ok(id) => {

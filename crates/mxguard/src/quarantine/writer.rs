@@ -28,6 +28,12 @@ const CHUNK: usize = 64 * 1024;
 pub struct QuarantineWriter {
     store: Quarantine,
     id: QuarantineId,
+    /// The metadata as it will be committed.
+    meta: QuarantineMeta,
+    /// Bytes of the header line before its newline, padding included.
+    header_room: usize,
+    /// `meta` changed since the header was written.
+    header_stale: bool,
     tmp_path: PathBuf,
     out: BufWriter<File>,
     /// Held until the file is committed or removed, so that
@@ -41,18 +47,8 @@ pub struct QuarantineWriter {
 
 impl QuarantineWriter {
     pub(super) fn create(store: Quarantine, meta: QuarantineMeta) -> Result<Self, QuarantineError> {
-        let mut header = serde_json::to_vec(&HeaderOut {
-            format: FORMAT,
-            meta: &meta,
-        })
-        .map_err(|e| QuarantineError::io(&store.inner.tmp, io::Error::other(e)))?;
-        if header.len() > MAX_HEADER {
-            return Err(QuarantineError::io(
-                &store.inner.tmp,
-                io::Error::other(format!("metadata over {MAX_HEADER} bytes")),
-            ));
-        }
-        header.push(b'\n');
+        let header = header_line(&store, &meta, None)?;
+        let header_room = header.len() - 1;
 
         let tmp_path = store.inner.tmp.join(meta.id.as_str());
         let (file, lock) = create_locked(&tmp_path)?;
@@ -61,7 +57,10 @@ impl QuarantineWriter {
             .map_err(|e| QuarantineError::io(&tmp_path, e))?;
         Ok(Self {
             store,
-            id: meta.id,
+            id: meta.id.clone(),
+            meta,
+            header_room,
+            header_stale: false,
             tmp_path,
             out,
             _lock: lock,
@@ -74,6 +73,17 @@ impl QuarantineWriter {
     /// The id the message will have once committed.
     pub fn id(&self) -> &QuarantineId {
         &self.id
+    }
+
+    /// Replaces the names of the tests that fired (the message itself may
+    /// fire more while it is stored). Written at commit if they fit the
+    /// room the header line keeps; if not, commit fails (451, the sender
+    /// retries) rather than store wrong metadata.
+    pub fn set_tests(&mut self, tests: Vec<String>) {
+        if tests != self.meta.tests {
+            self.meta.tests = tests;
+            self.header_stale = true;
+        }
     }
 
     /// Message bytes stored so far.
@@ -120,7 +130,17 @@ impl QuarantineWriter {
         }
         self.out
             .flush()
-            .and_then(|()| self.out.get_ref().sync_all())
+            .map_err(|e| QuarantineError::io(&self.tmp_path, e))?;
+        if self.header_stale {
+            // Tests the message itself fired (say, smuggling) join the
+            // metadata: rewritten in place, in the room left for it.
+            let header = header_line(&self.store, &self.meta, Some(self.header_room))?;
+            std::os::unix::fs::FileExt::write_all_at(self.out.get_ref(), &header, 0)
+                .map_err(|e| QuarantineError::io(&self.tmp_path, e))?;
+        }
+        self.out
+            .get_ref()
+            .sync_all()
             .map_err(|e| QuarantineError::io(&self.tmp_path, e))?;
         let final_path = self.store.message_path(&self.id);
         // link(2), not rename(2): it fails on an existing name, so even an
@@ -248,6 +268,13 @@ impl AsyncQuarantineWriter {
         Ok(())
     }
 
+    /// See [`QuarantineWriter::set_tests`].
+    pub fn set_tests(&mut self, tests: Vec<String>) {
+        if let Some(writer) = self.inner.as_mut() {
+            writer.set_tests(tests);
+        }
+    }
+
     /// Makes the message durable and returns its id; see
     /// [`QuarantineWriter::commit`].
     pub async fn commit(mut self) -> Result<QuarantineId, QuarantineError> {
@@ -296,4 +323,33 @@ fn drop_off_runtime(writer: QuarantineWriter) {
         }
         Err(_) => drop(writer),
     }
+}
+
+/// Spare room in the header line for tests fired while the message is
+/// stored: JSON allows the padding (whitespace) before the newline.
+const HEADER_SPARE: usize = 256;
+
+/// The header line with its newline. With `room`, padded to exactly that
+/// many bytes before the newline (an error if it does not fit); without,
+/// padded with [`HEADER_SPARE`] bytes.
+fn header_line(
+    store: &Quarantine,
+    meta: &QuarantineMeta,
+    room: Option<usize>,
+) -> Result<Vec<u8>, QuarantineError> {
+    let mut header = serde_json::to_vec(&HeaderOut {
+        format: FORMAT,
+        meta,
+    })
+    .map_err(|e| QuarantineError::io(&store.inner.tmp, io::Error::other(e)))?;
+    let target = room.unwrap_or(header.len() + HEADER_SPARE);
+    if header.len() > MAX_HEADER || header.len() > target {
+        return Err(QuarantineError::io(
+            &store.inner.tmp,
+            io::Error::other(format!("metadata over {} bytes", target.min(MAX_HEADER))),
+        ));
+    }
+    header.resize(target, b' ');
+    header.push(b'\n');
+    Ok(header)
 }
