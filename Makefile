@@ -15,16 +15,18 @@ PYTEST_ARGS ?=
 run:
 	$(CARGO) run --release -p mxguard -- demo
 
-## build: debug build of the daemon (target/debug/mxguard, what the e2e tests run)
+## build: debug build of the daemon (target/debug/mxguard, what the e2e tests run) and the
+## benchmark helper (target/debug/mxbench, for the benchmark smoke test)
 build:
-	$(CARGO) build -p mxguard
+	$(CARGO) build -p mxguard -p mxguard-bench
 
 ## test: install what the tests need, then format check, clippy, unit tests, build, end-to-end tests
 test: deps lint unit build e2e
 
-## deps: apt (postfix, swaks, iptables, ...) and pytest, only what is missing
+## deps: apt (postfix, swaks, iptables, haproxy, ...) and pytest, only what is missing
 deps:
 	tests/install-deps.sh
+	bench/install-deps.sh
 
 ## fmt: format the code
 fmt:
@@ -52,6 +54,14 @@ e2e:
 fuzz:
 	tests/fuzz-smoke.sh
 
-## bench: the workspace's benchmarks (cargo bench): prefix lookups at 10^6 prefixes, limiter decisions/s and memory per tracked key (mxguard-policy), fleet decisions/s and added latency through a local redis-server (mxguard)
+## bench: the benchmark suite (bench/run.py, minutes, release builds; writes docs/benchmarks.md):
+## held sessions, connection rate, added latency and bulk throughput against a direct connection,
+## HAProxy and postscreen, the turn tracker (criterion) and prefix lookups at 10^6 prefixes, limiter
+## decisions/s and memory per tracked key (mxguard-policy); then fleet decisions/s and added latency
+## through a local redis-server (mxguard). BENCH_ARGS="--only held,bulk --runs 5" for a part of the
+## suite. `make test` runs a seconds-long smoke version (tests/e2e/test_bench_smoke.py).
 bench:
-	$(CARGO) bench --workspace
+	bench/install-deps.sh
+	$(CARGO) build --release -p mxguard -p mxguard-bench
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
+	$(CARGO) bench -p mxguard --bench fleet

@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""The benchmark suite (`make bench`): mxguard side by side with a direct
+connection, HAProxy and postscreen, on loopback. Writes docs/benchmarks.md.
+
+    python3 bench/run.py                    # everything, release builds
+    python3 bench/run.py --only held,bulk   # some sections
+    python3 bench/run.py --smoke --out X.md # seconds: what `make test` runs
+
+Every comparison runs its peers in the same run, interleaved (guard, peer,
+guard, peer, ...), and reports medians and the ratio against the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+from peers import (REPO, FastSink, Guard, HAProxy, Postscreen, Proc, SmtpSink, cpu_seconds,  # noqa: E402
+                   fd_count, haproxy_available, loadavg, rss_bytes, wait_until)
+
+# A holder process stays well under the 20,000-descriptor limit.
+PER_HOLDER = 9000
+
+
+class Run:
+    """Settings of one run of the suite, and what it found."""
+
+    def __init__(self, args):
+        self.smoke = args.smoke
+        self.runs = args.runs or (1 if args.smoke else 3)
+        profile = "debug" if args.smoke else "release"
+        self.guard_bin = Path(os.environ.get("MXGUARD_BIN") or peers.cargo_bin("mxguard", profile))
+        self.mxbench = Path(os.environ.get("MXBENCH_BIN") or peers.cargo_bin("mxbench", profile))
+        self.workdir = Path(tempfile.mkdtemp(prefix="mxbench-"))
+        self.haproxy = haproxy_available()
+        self.commands: list[str] = []
+        self.sections: list[str] = []
+        self.notes: list[str] = []
+        self._source = 0
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')} load {loadavg()}] {msg}", flush=True)
+
+    def command(self, argv) -> str:
+        line = " ".join(str(a) for a in argv)
+        line = line.replace(str(self.mxbench), "mxbench").replace(str(self.guard_bin), "mxguard")
+        if line not in self.commands:
+            self.commands.append(line)
+        return line
+
+    def fresh_source(self) -> str:
+        """A loopback source address not used before in this run: closed
+        connections leave TIME_WAIT ports behind on the address they used."""
+        self._source += 1
+        return f"127.{100 + self._source // 250}.{self._source % 250}.1"
+
+
+def median(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(v, digits=0):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:,.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    if not a or not b or any(isinstance(x, float) and math.isnan(x) for x in (a, b)):
+        return "n/a"
+    return f"{a / b:.{digits}f}"
+
+
+# --------------------------------------------------------------------------
+# held sessions
+
+
+GUARD_HOLD = {
+    "greet.delay": "300s",
+    "greet.challenge": True,
+    "greet.upstream_connect": "lazy",
+    "greet.connect_lead": "1s",
+    "limits.drain_timeout": "1s",
+}
+
+
+def total(f, pids):
+    return sum(f(p) for p in pids)
+
+
+def hold_once(run: Run, pids: list[int], target: str, count: int) -> dict:
+    """Opens `count` idle connections to `target`; measures the processes
+    `pids` that hold them (summed)."""
+    time.sleep(0.5)
+    rss0, cpu0, fds0 = total(rss_bytes, pids), total(cpu_seconds, pids), total(fd_count, pids)
+    holders = []
+    n_holders = max(1, math.ceil(count / PER_HOLDER))
+    for i in range(n_holders):
+        share = count // n_holders + (1 if i < count % n_holders else 0)
+        argv = [run.mxbench, "hold", "--target", target, "--count", share, "--sources", run.fresh_source()]
+        run.command([run.mxbench, "hold", "--target", "ADDR", "--count", share, "--sources", "127.x.y.1"])
+        holders.append(Proc(f"hold-{i}", argv, run.workdir, pipe=True))
+    started = time.monotonic()
+    opened = 0
+    for h in holders:
+        line = h.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"holder failed: {h.stderr()}")
+        opened += json.loads(line)["opened"]
+    # Every connection accepted: the server holds a descriptor for each.
+    try:
+        wait_until(lambda: total(fd_count, pids) >= fds0 + count, 30, f"{count} descriptors")
+    except RuntimeError:
+        run.log(f"server holds {total(fd_count, pids) - fds0} of {count}")
+    accept_s = time.monotonic() - started
+    time.sleep(1.0)
+    rss1, cpu1 = total(rss_bytes, pids), total(cpu_seconds, pids)
+    # CPU while only holding: timers, nothing else.
+    time.sleep(3.0)
+    cpu2 = total(cpu_seconds, pids)
+    held = closed = refused = 0
+    for h in holders:
+        h.popen.stdin.write("check\n")
+        h.popen.stdin.flush()
+        got = json.loads(h.popen.stdout.readline())
+        held, closed, refused = held + got["held"], closed + got["closed"], refused + got["refused"]
+    for h in holders:
+        h.popen.stdin.close()
+    for h in holders:
+        h.popen.wait(30)
+        h.stop()
+    return {
+        "opened": opened, "held": held, "closed": closed, "refused": refused,
+        "rss_per_session": (rss1 - rss0) / count,
+        "rss_base": rss0, "rss_held": rss1,
+        "cpu_accept": cpu1 - cpu0, "cpu_hold_pct": (cpu2 - cpu1) / 3.0 * 100,
+        "accept_s": accept_s,
+    }
+
+
+def section_held(run: Run) -> None:
+    counts = [100] if run.smoke else [10_000, 19_000]
+    wait = "300s"
+    servers = ["mxguard", "postscreen"] + (["haproxy"] if run.haproxy else [])
+    results: dict = {}
+    for count in counts:
+        for r in range(run.runs):
+            for name in servers:
+                run.log(f"held: {name} {count} run {r + 1}")
+                upstream = SmtpSink(run.workdir)
+                if name == "mxguard":
+                    server = Guard(run.workdir, run.guard_bin, upstream.addr, GUARD_HOLD)
+                    pids = [server.pid]
+                elif name == "postscreen":
+                    server = Postscreen(run.workdir, wait)
+                    pids = [server.pid]
+                else:
+                    server = HAProxy(run.workdir, upstream.addr, hold=wait,
+                                     procs=max(1, math.ceil(count / 9500)))
+                    pids = server.pids
+                try:
+                    results.setdefault((count, name), []).append(hold_once(run, pids, server.addr, count))
+                finally:
+                    server.stop()
+                    upstream.stop()
+                if name == "haproxy":
+                    run.haproxy_config = server.config
+                if name == "postscreen":
+                    run.postscreen_main = server.main
+                if name == "mxguard":
+                    run.guard_hold_config = server.config
+    out = ["## Held sessions",
+           "",
+           "N connections open and idle in the greet delay (300 s, never reached), opened by "
+           f"`mxbench hold` processes of at most {PER_HOLDER:,} connections each, each from its own "
+           "loopback address: mxguard (lazy upstream connect, `220-` challenge sent; the sessions "
+           "wait in its holding pen), postscreen (`postscreen_greet_wait`, one process), HAProxy "
+           "(`tcp-request inspect-delay`, the backend not opened yet; HAProxy counts two descriptors "
+           "per connection and will not start with a `maxconn` needing more than the 20,000 a process "
+           "may hold, so two processes share the port, `maxconn 9950` each, and their figures are "
+           "summed). One descriptor per held session in each. RSS per session = (RSS holding N − RSS "
+           "before) / N; CPU = CPU seconds to accept the N, and CPU while holding them idle (3 s).",
+           "",
+           "| sessions | server | held | RSS per session (B) | vs mxguard | CPU to accept (s) | CPU holding (%) |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    for count in counts:
+        guard = median([x["rss_per_session"] for x in results[(count, "mxguard")]])
+        for name in servers:
+            rows = results[(count, name)]
+            rss = median([x["rss_per_session"] for x in rows])
+            out.append(
+                f"| {count:,} | {name} | {fmt(median([x['held'] for x in rows]))} | {fmt(rss)} | "
+                f"{ratio(rss, guard)} | {fmt(median([x['cpu_accept'] for x in rows]), 2)} | "
+                f"{fmt(median([x['cpu_hold_pct'] for x in rows]), 1)} |")
+    out += ["", f"Runs per figure: {run.runs} (median)."]
+    run.held = results
+    run.sections.append("\n".join(out))
+
+
+# --------------------------------------------------------------------------
+# connection rate and latency
+
+
+GUARD_FAST = {
+    "greet.delay": "0s",
+    "greet.challenge": False,
+    "limits.drain_timeout": "1s",
+}
+
+
+def smtp_source(run: Run, target: str, messages: int, sessions: int) -> tuple[float, list[str]]:
+    argv = ["smtp-source", "-s", sessions, "-m", messages, "-l", 1000,
+            "-f", "bench@example.org", "-t", "sink@example.net", target]
+    t = time.monotonic()
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=600)
+    return time.monotonic() - t, argv
+
+
+def section_rate(run: Run) -> None:
+    messages = 300 if run.smoke else 20_000
+    sessions = 20
+    paths = ["direct", "mxguard", "mxguard-greeting"] + (["haproxy"] if run.haproxy else [])
+    results: dict = {p: [] for p in paths}
+    sink = SmtpSink(run.workdir)
+    try:
+        for r in range(run.runs):
+            for path in paths:
+                run.log(f"rate: {path} run {r + 1}")
+                middle = None
+                if path == "direct":
+                    target = sink.addr
+                elif path.startswith("mxguard"):
+                    settings = dict(GUARD_FAST)
+                    if path == "mxguard-greeting":
+                        settings["turns.watch"] = "greeting"
+                    middle = Guard(run.workdir, run.guard_bin, sink.addr, settings)
+                    target = middle.addr
+                else:
+                    middle = HAProxy(run.workdir, sink.addr)
+                    target = middle.addr
+                try:
+                    time.sleep(0.3)
+                    cpu0 = cpu_seconds(middle.pid) if middle else 0.0
+                    took, argv = smtp_source(run, target, messages, sessions)
+                    cpu = (cpu_seconds(middle.pid) - cpu0) if middle else None
+                finally:
+                    if middle:
+                        middle.stop()
+                run.command([*argv[:-1], "ADDR"])
+                results[path].append({"rate": messages / took,
+                                      "cpu_us": cpu / messages * 1e6 if cpu is not None else None})
+    finally:
+        sink.stop()
+    direct = median([x["rate"] for x in results["direct"]])
+    hap_cpu = median([x["cpu_us"] for x in results.get("haproxy", [])]) if run.haproxy else None
+    out = ["## Connection rate",
+           "",
+           f"`smtp-source -s {sessions} -m {messages:,} -l 1000` (one message per session, "
+           f"{sessions} in parallel) into `smtp-sink`, directly and through each middle box; "
+           "greet delay 0, no challenge. CPU per message: CPU of the middle process / messages.",
+           "",
+           "| path | messages/s | vs direct | CPU per message (µs) | vs HAProxy |",
+           "|---|---:|---:|---:|---:|"]
+    for path in paths:
+        rate = median([x["rate"] for x in results[path]])
+        cpu = median([x["cpu_us"] for x in results[path]]) if path != "direct" else None
+        out.append(f"| {label(path)} | {fmt(rate)} | {ratio(rate, direct)} | {fmt(cpu, 1)} | "
+                   f"{ratio(cpu, hap_cpu) if cpu and hap_cpu else 'n/a'} |")
+    run.rate = results
+    run.sections.append("\n".join(out))
+
+
+def label(path: str) -> str:
+    return {
+        "direct": "direct",
+        "mxguard": "mxguard (`turns.watch = \"session\"`, default)",
+        "mxguard-greeting": "mxguard (`turns.watch = \"greeting\"`, splice)",
+        "mxguard-splice": "mxguard splice (`turns.watch = \"greeting\"`, `relay.mode = \"splice\"`)",
+        "mxguard-copy": "mxguard copy (`turns.watch = \"greeting\"`, `relay.mode = \"copy\"`)",
+        "mxguard-session": "mxguard watched (`turns.watch = \"session\"`, default)",
+        "mxguard-delay": "mxguard, greet delay 100 ms",
+        "haproxy": "HAProxy (`mode tcp`)",
+        "haproxy-splice": "HAProxy (`mode tcp`, `option splice-auto`)",
+    }.get(path, path)
+
+
+def mxbench_rate(run: Run, target: str, rate: int, seconds: float, threads: int) -> dict:
+    argv = [run.mxbench, "rate", "--target", target, "--rate", rate, "--seconds", seconds,
+            "--threads", threads]
+    run.command([*argv[:3], "ADDR", *argv[4:]])
+    out = subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def section_latency(run: Run) -> None:
+    rate = 200 if run.smoke else 1000
+    seconds = 1 if run.smoke else 5
+    delay_ms = 100
+    paths = ["direct", "mxguard", "mxguard-delay"] + (["haproxy"] if run.haproxy else [])
+    results: dict = {p: [] for p in paths}
+    sink = SmtpSink(run.workdir)
+    try:
+        for r in range(run.runs):
+            for path in paths:
+                run.log(f"latency: {path} run {r + 1}")
+                middle = None
+                threads = 64
+                if path == "direct":
+                    target = sink.addr
+                elif path == "mxguard":
+                    middle = Guard(run.workdir, run.guard_bin, sink.addr, GUARD_FAST)
+                    target = middle.addr
+                elif path == "mxguard-delay":
+                    # Every session waits the delay: no pass cache, the
+                    # challenge sent, the upstream opened half-way.
+                    middle = Guard(run.workdir, run.guard_bin, sink.addr, {
+                        **GUARD_FAST, "greet.delay": f"{delay_ms}ms", "greet.challenge": True,
+                        "greet.connect_lead": "50ms", "pass_cache.ttl": "0s"})
+                    target = middle.addr
+                    threads = 512
+                else:
+                    middle = HAProxy(run.workdir, sink.addr)
+                    target = middle.addr
+                try:
+                    time.sleep(0.3)
+                    got = mxbench_rate(run, target, rate, seconds, threads)
+                finally:
+                    if middle:
+                        middle.stop()
+                if path == "mxguard-delay":
+                    for key in ("greeting_ms", "session_ms"):
+                        got[key] = {k: v - delay_ms for k, v in got[key].items()}
+                results[path].append(got)
+    finally:
+        sink.stop()
+
+    def pct(path, key, p):
+        return median([x[key][p] for x in results[path]])
+
+    out = ["## Added latency",
+           "",
+           f"`mxbench rate`: {rate} sessions/s for {seconds} s, each a whole small transaction "
+           "(greeting, EHLO, MAIL, RCPT, DATA, QUIT) into `smtp-sink`, timed from the instant it "
+           "was due to start. Added latency = the path's percentile − the direct path's, per run, "
+           f"median over runs; the configured delay is subtracted for the {delay_ms} ms row.",
+           "",
+           "| path | sessions/s | failed | greeting p50 / p99 (ms) | session p50 / p99 (ms) | "
+           "added p50 (ms) | added p99 (ms) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        added50 = median([x["session_ms"]["p50"] - d["session_ms"]["p50"]
+                          for x, d in zip(results[path], results["direct"])])
+        added99 = median([x["session_ms"]["p99"] - d["session_ms"]["p99"]
+                          for x, d in zip(results[path], results["direct"])])
+        out.append(
+            f"| {label(path)} | {fmt(median([x['rate'] for x in results[path]]))} | "
+            f"{fmt(median([x['failed'] for x in results[path]]))} | "
+            f"{fmt(pct(path, 'greeting_ms', 'p50'), 3)} / {fmt(pct(path, 'greeting_ms', 'p99'), 3)} | "
+            f"{fmt(pct(path, 'session_ms', 'p50'), 3)} / {fmt(pct(path, 'session_ms', 'p99'), 3)} | "
+            + ("– | – |" if path == "direct" else f"{fmt(added50, 3)} | {fmt(added99, 3)} |"))
+    run.latency = results
+    run.sections.append("\n".join(out))
+
+
+# --------------------------------------------------------------------------
+# bulk throughput
+
+
+def section_bulk(run: Run) -> None:
+    sizes = [(1_000_000, 5 if run.smoke else 300), (10_000_000, 2 if run.smoke else 40)]
+    paths = ["direct", "mxguard-splice", "mxguard-copy", "mxguard-session"]
+    if run.haproxy:
+        paths += ["haproxy-splice", "haproxy"]
+    results: dict = {}
+    sink = FastSink(run.workdir, run.mxbench)
+    try:
+        for r in range(run.runs):
+            for path in paths:
+                middle = None
+                if path == "direct":
+                    target = sink.addr
+                elif path.startswith("mxguard"):
+                    settings = dict(GUARD_FAST)
+                    if path == "mxguard-session":
+                        settings["turns.watch"] = "session"
+                    else:
+                        settings["turns.watch"] = "greeting"
+                        settings["relay.mode"] = path.split("-")[1]
+                    middle = Guard(run.workdir, run.guard_bin, sink.addr, settings)
+                    target = middle.addr
+                else:
+                    middle = HAProxy(run.workdir, sink.addr, splice=path == "haproxy-splice")
+                    target = middle.addr
+                try:
+                    for size, count in sizes:
+                        run.log(f"bulk: {path} {size // 1_000_000} MB × {count} run {r + 1}")
+                        argv = [run.mxbench, "send", "--target", target, "--size", size, "--count", count]
+                        run.command([*argv[:3], "ADDR", *argv[4:]])
+                        cpu0 = cpu_seconds(middle.pid) if middle else 0.0
+                        out = subprocess.run([str(a) for a in argv], check=True, capture_output=True,
+                                             text=True, timeout=600)
+                        got = json.loads(out.stdout)
+                        cpu = cpu_seconds(middle.pid) - cpu0 if middle else None
+                        got["cpu_s_per_gb"] = cpu / (got["bytes"] / 1e9) if cpu is not None else None
+                        results.setdefault((size, path), []).append(got)
+                finally:
+                    if middle:
+                        middle.stop()
+    finally:
+        sink.stop()
+    out = ["## Bulk throughput",
+           "",
+           "`mxbench send` (the body written with sendfile(2), one session per message, one at a "
+           "time) into `mxbench sink` (256 KiB reads), directly and through each middle box. "
+           "MB/s = 10^6 bytes per second of whole sessions (connect to QUIT); CPU s/GB = CPU "
+           "seconds of the middle process per 10^9 bytes.",
+           "",
+           "| message | path | MB/s | vs direct | CPU s/GB | vs HAProxy splice |",
+           "|---|---|---:|---:|---:|---:|"]
+    for size, count in sizes:
+        direct = median([x["mb_per_s"] for x in results[(size, "direct")]])
+        hap = (median([x["cpu_s_per_gb"] for x in results[(size, "haproxy-splice")]])
+               if run.haproxy else None)
+        for path in paths:
+            rows = results[(size, path)]
+            mbs = median([x["mb_per_s"] for x in rows])
+            cpu = median([x["cpu_s_per_gb"] for x in rows]) if path != "direct" else None
+            out.append(f"| {size // 1_000_000} MB × {count} | {label(path)} | {fmt(mbs)} | "
+                       f"{ratio(mbs, direct)} | {fmt(cpu, 2)} | "
+                       f"{ratio(cpu, hap) if cpu and hap else 'n/a'} |")
+    run.bulk = results
+    run.sections.append("\n".join(out))
+
+
+# --------------------------------------------------------------------------
+# micro benchmarks
+
+
+def section_micro(run: Run) -> None:
+    run.log("micro: turn tracker (criterion)")
+    tracker_cmd = ["cargo", "bench", "-p", "mxguard-smtp", "--bench", "tracker"]
+    run.command(tracker_cmd)
+    out = subprocess.run(tracker_cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(f"tracker bench failed: {out.stderr[-2000:]}")
+    rows = []
+    name = None
+    for line in out.stdout.splitlines():
+        m = re.match(r"^(\S+/\S+)\s*(time:.*)?$", line.strip())
+        if m and not line.strip().startswith(("time:", "thrpt:")):
+            name = m.group(1)
+        t = re.search(r"thrpt:\s*\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
+        if t and name:
+            rows.append((name, f"{t.group(1)} {t.group(2)}"))
+    run.log("micro: blocklist lookups (admission bench)")
+    adm_cmd = ["cargo", "bench", "-p", "mxguard-policy", "--bench", "admission"]
+    run.command(adm_cmd)
+    adm = subprocess.run(adm_cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    if adm.returncode != 0:
+        raise RuntimeError(f"admission bench failed: {adm.stderr[-2000:]}")
+    lines = ["## Turn tracker and blocklist",
+             "",
+             "Turn tracker (`crates/mxguard-smtp/benches/tracker.rs`, criterion; median throughput "
+             "of the client and server bytes fed through `TurnTracker`):",
+             "",
+             "| corpus | throughput |",
+             "|---|---:|"]
+    lines += [f"| {n} | {t} |" for n, t in rows]
+    lines += ["", "Blocklist and admission (`crates/mxguard-policy/benches/admission.rs`):", "", "```"]
+    lines += [line for line in adm.stdout.splitlines() if line.strip()]
+    lines += ["```"]
+    run.sections.append("\n".join(lines))
+
+
+# --------------------------------------------------------------------------
+# the report
+
+
+def machine(run: Run) -> list[str]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) // 1024
+    def version(argv):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "n/a"
+    rev = version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "crates"],
+                           capture_output=True, text=True).stdout.strip()
+    return [
+        f"- CPU: {os.cpu_count()} × {model}; memory {mem:,} MiB; kernel {platform.release()}",
+        f"- descriptor limit per process: {' / '.join(str(x) for x in __import__('resource').getrlimit(__import__('resource').RLIMIT_NOFILE))} (soft / hard)",
+        f"- mxguard {rev}{' (with uncommitted changes under crates/)' if dirty else ''}, {'debug (smoke)' if run.smoke else 'release'} build; "
+        f"{version(['rustc', '-V'])}",
+        f"- HAProxy: {version(['haproxy', '-v'])}",
+        f"- Postfix: {version(['postconf', '-d', '-h', 'mail_version'])}",
+    ]
+
+
+def write_report(run: Run, out: Path, started: str, load_before: str) -> None:
+    parts = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`bench/run.py`); do not edit by hand. "
+        "Everything on loopback, peers started by the suite.",
+        "",
+        "## Machine",
+        "",
+        *machine(run),
+        f"- run started {started}; load average (1/5/15 min) {load_before} at the start, "
+        f"{loadavg()} at the end — other builds and tests share this machine, so figures are "
+        "noisy: each is the median of several runs, and each ratio compares peers measured "
+        "in the same run, interleaved.",
+        "",
+        *[line for section in run.sections for line in (section, "")],
+        "## Commands",
+        "",
+        "```",
+        "make bench            # = bench/install-deps.sh; cargo build --release -p mxguard -p mxguard-bench;",
+        "                      #   python3 bench/run.py --out docs/benchmarks.md",
+        *run.commands,
+        "```",
+    ]
+    if getattr(run, "guard_hold_config", None):
+        parts += ["", "mxguard, held sessions:", "", "```toml", run.guard_hold_config.strip(), "```"]
+    if getattr(run, "postscreen_main", None):
+        parts += ["", "postscreen (main.cf of the private instance; master.cf: "
+                  "`127.0.0.1:PORT inet n - n - 1 postscreen`):", "", "```",
+                  *[f"{k} = {v}" for k, v in run.postscreen_main.items()
+                    if k.startswith(("postscreen", "default_process", "smtpd_client", "mynetworks"))], "```"]
+    if getattr(run, "haproxy_config", None):
+        parts += ["", "HAProxy, held sessions:", "", "```", run.haproxy_config.strip(), "```"]
+    parts += ["", *run.notes]
+    out.write_text("\n".join(parts).rstrip() + "\n")
+
+
+def section_targets(run: Run) -> None:
+    """The targets of issue 6, each against the figures of this run."""
+    rows = []
+
+    def row(target, figure, met):
+        rows.append(f"| {target} | {figure} | {'met' if met else '**missed**'} |")
+
+    held = getattr(run, "held", None)
+    if held:
+        top = max(c for c, _ in held)
+        rss = {name: median([x["rss_per_session"] for x in held[(c, name)]])
+               for (c, name) in held if c == top}
+        count = median([x["held"] for x in held[(top, "mxguard")]])
+        peers_rss = {k: v for k, v in rss.items() if k != "mxguard"}
+        row(f"{top:,} sessions held in the greet delay, one descriptor each",
+            f"{fmt(count)} held", count >= top)
+        row("≤ 1 KiB RSS per held session, less than postscreen and HAProxy",
+            f"{fmt(rss['mxguard'])} B (" + ", ".join(f"{k} {fmt(v)} B" for k, v in peers_rss.items()) + ")",
+            rss["mxguard"] <= 1024 and all(rss["mxguard"] < v for v in peers_rss.values()))
+    rate = getattr(run, "rate", None)
+    if rate:
+        direct = median([x["rate"] for x in rate["direct"]])
+        guard = median([x["rate"] for x in rate["mxguard"]])
+        row("≥ 90 % of the direct messages/s (no greet delay)",
+            f"{ratio(guard, direct)} of direct ({fmt(guard)} vs {fmt(direct)}/s)", guard >= 0.9 * direct)
+        if "haproxy" in rate:
+            cpu = median([x["cpu_us"] for x in rate["mxguard"]])
+            hap = median([x["cpu_us"] for x in rate["haproxy"]])
+            row("less CPU per message than HAProxy", f"{fmt(cpu, 1)} µs vs {fmt(hap, 1)} µs", cpu < hap)
+    bulk = getattr(run, "bulk", None)
+    if bulk:
+        for size in sorted({s for s, _ in bulk}):
+            direct = median([x["mb_per_s"] for x in bulk[(size, "direct")]])
+            splice = median([x["mb_per_s"] for x in bulk[(size, "mxguard-splice")]])
+            row(f"splice ≥ 95 % of direct MB/s ({size // 1_000_000} MB messages)",
+                f"{ratio(splice, direct)} of direct ({fmt(splice)} vs {fmt(direct)} MB/s)",
+                splice >= 0.95 * direct)
+            if (size, "haproxy-splice") in bulk:
+                cpu = median([x["cpu_s_per_gb"] for x in bulk[(size, "mxguard-splice")]])
+                hap = median([x["cpu_s_per_gb"] for x in bulk[(size, "haproxy-splice")]])
+                row(f"splice: less CPU per GB than HAProxy with splice ({size // 1_000_000} MB)",
+                    f"{fmt(cpu, 2)} vs {fmt(hap, 2)} s/GB", cpu < hap)
+    lat = getattr(run, "latency", None)
+    if lat:
+        added = median([x["session_ms"]["p99"] - d["session_ms"]["p99"]
+                        for x, d in zip(lat["mxguard"], lat["direct"])])
+        row("p99 added latency < 1 ms at 1,000 sessions/s (no delay)", f"{fmt(added, 3)} ms", added < 1.0)
+        added = median([x["session_ms"]["p99"] - d["session_ms"]["p99"]
+                        for x, d in zip(lat["mxguard-delay"], lat["direct"])])
+        row("… with a 100 ms greet delay (beyond it)", f"{fmt(added, 3)} ms", added < 1.0)
+    run.sections.insert(0, "\n".join(["## Targets (issue 6)", "", "| target | this run | |",
+                                       "|---|---|---|", *rows]))
+
+
+SECTIONS = {
+    "held": section_held,
+    "rate": section_rate,
+    "latency": section_latency,
+    "bulk": section_bulk,
+    "micro": section_micro,
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, debug builds (make test)")
+    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--runs", type=int, default=0, help="runs per figure (default 3; smoke 1)")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    run = Run(args)
+    only = [s for s in args.only.split(",") if s] or (
+        ["held", "rate", "latency", "bulk"] if args.smoke else list(SECTIONS))
+    for binary in (run.guard_bin, run.mxbench):
+        if not os.access(binary, os.X_OK):
+            print(f"missing {binary}: build it first (make bench does)", file=sys.stderr)
+            return 2
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before = loadavg()
+    try:
+        for name in only:
+            SECTIONS[name](run)
+    finally:
+        peers.stop_all()
+    section_targets(run)
+    analysis = Path(__file__).resolve().parent / "analysis.md"
+    if analysis.exists() and not args.smoke:
+        run.sections.append(analysis.read_text().strip())
+    write_report(run, Path(args.out), started, load_before)
+    run.log(f"wrote {args.out}")
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The benchmark suite (`make bench`, bench/run.py) in miniature, so that it
+cannot rot: every section but the criterion ones, with tiny counts, against
+the debug builds, one run each. Figures are not checked, only that each
+comparison ran and every held session was held."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from peers import REPO
+
+
+def test_the_benchmark_suite_runs_end_to_end(tmp_path):
+    if not shutil.which("haproxy"):
+        pytest.skip("haproxy not installed (bench/install-deps.sh installs it)")
+    mxbench = REPO / "target" / "debug" / "mxbench"
+    if not mxbench.exists():
+        subprocess.run(["cargo", "build", "-p", "mxguard-bench"], cwd=REPO, check=True)
+    out = tmp_path / "benchmarks.md"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = out.read_text()
+    for heading in ("## Machine", "## Held sessions", "## Connection rate", "## Added latency",
+                    "## Bulk throughput", "## Targets", "## Commands"):
+        assert heading in report, f"{heading} missing:\n{report}"
+    # Every server held all of the smoke run's sessions.
+    held = re.findall(r"^\| 100 \| (\S+) \| (\S+) \|", report, re.M)
+    assert {name for name, _ in held} == {"mxguard", "postscreen", "haproxy"}, report
+    assert all(count == "100" for _, count in held), report
+    for path in ("direct", "HAProxy (`mode tcp`, `option splice-auto`)", "mxguard splice"):
+        assert path in report
+    assert "n/a | n/a | n/a" not in report.split("## Commands")[0].split("## Bulk")[1]
