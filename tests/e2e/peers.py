@@ -619,6 +619,14 @@ class PostfixSender(PostfixInstance):
         commands show up as several `>` lines before their `<` replies."""
         return re.findall(r"/smtp\[\d+\]: ([<>]) \S+:\d+: (.*)$", self.log(), re.M)
 
+    def smtp_conversations(self) -> list[list[tuple[str, str]]]:
+        """`smtp_transcript`, one list per smtp client process: Postfix
+        delivers in parallel, and their log lines interleave."""
+        conversations: dict[str, list[tuple[str, str]]] = {}
+        for pid, direction, text in re.findall(r"/smtp\[(\d+)\]: ([<>]) \S+:\d+: (.*)$", self.log(), re.M):
+            conversations.setdefault(pid, []).append((direction, text))
+        return list(conversations.values())
+
 
 EXIM = "/usr/sbin/exim4"
 

@@ -231,8 +231,8 @@ def test_tarpit_slows_every_reply_and_delivers(trip, sink, make_guard, workdir):
     assert timed("quit", s.quit) == 221
 
     for name in ("ehlo", "mail", "rcpt", "quit"):
-        assert delay <= took[name] < delay + 0.5, took
-    assert 2 * delay <= took["data"] < 2 * delay + 0.5, took
+        assert delay <= took[name] < 2 * delay, took  # once per reply
+    assert 2 * delay <= took["data"] < 3 * delay, took
     [stored] = sink.wait_messages(1)
     assert stored.content == lf(msg.data)
     assert guard.wait_verdict("127.0.0.2")["verdict"] == "tarpit"

@@ -38,7 +38,7 @@ def test_a_client_that_passed_is_not_delayed_next_time(sink, make_guard):
 
     lines, at, ehlo = greet_and_ehlo(guard, "127.0.0.6")
     assert lines == [b"220 sink.example.test ESMTP\r\n"], "no challenge line"
-    assert at < 0.3 and ehlo < 0.3, (at, ehlo)
+    assert at < 0.6 and ehlo < 0.4, (at, ehlo)
 
     # ... and it still delivers, watched
     msg = make_message()
@@ -69,7 +69,7 @@ def test_the_pass_is_forgotten_after_the_ttl(sink, make_guard):
     guard = make_guard(upstream=sink.addr, **DELAY, **{"pass_cache.ttl": "1s"})
     greet_and_ehlo(guard, "127.0.0.6")
     guard.wait_verdict("127.0.0.6")  # remembered when the session is over
-    assert greet_and_ehlo(guard, "127.0.0.6")[1] < 0.3
+    assert greet_and_ehlo(guard, "127.0.0.6")[1] < 0.6
     time.sleep(1.2)
     assert greet_and_ehlo(guard, "127.0.0.6")[1] >= 1.0
 
@@ -86,7 +86,7 @@ def test_allowlisted_network_skips_every_test(sink, make_guard):
     rest = c.read_until_closed()
     c.close()
 
-    assert greeting.lines == [b"220 sink.example.test ESMTP\r\n"] and greeting.at < 0.3, greeting
+    assert greeting.lines == [b"220 sink.example.test ESMTP\r\n"] and greeting.at < 0.6, greeting
     assert re.search(rb"(?m)^354 .*\r\n250 2\.0\.0 Ok", rest) and rest.endswith(b"221 Bye\r\n"), rest
     [stored] = sink.wait_messages(1)
     assert stored.content == lf(msg.data)

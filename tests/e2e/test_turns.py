@@ -64,9 +64,9 @@ def test_postfix_smtp_client_is_never_flagged(strip, mta, make_guard, workdir):
 
     for msg in msgs:
         assert strip_trace_headers(mta.wait_for(msg.token)) == lf(msg.data)
-    transcript = sender.smtp_transcript()
-    offered = [text for d, text in transcript if d == "<" and "PIPELINING" in text]
-    sent_groups = groups(transcript)
+    conversations = sender.smtp_conversations()
+    offered = [text for c in conversations for d, text in c if d == "<" and "PIPELINING" in text]
+    sent_groups = [g for c in conversations for g in groups(c)]
     if strip:
         assert offered == [], "the client must not see PIPELINING"
         assert all(len(g) == 1 for g in sent_groups), f"Postfix waited for each reply: {sent_groups}"
@@ -120,7 +120,7 @@ def test_exim_sends_bdat_to_a_chunking_postfix_and_is_never_flagged(strip, mta, 
 
 
 def test_held_replies_arrive_late_and_a_client_that_waits_is_not_flagged(sink, make_guard):
-    delay = 0.4
+    delay = 0.5
     guard = make_guard(upstream=sink.addr, **{f"turns.reply_delay.{k}": f"{int(delay * 1000)}ms"
                                               for k in ("ehlo", "mail", "rcpt", "data", "end_of_data")})
     msg = make_message()
@@ -140,8 +140,8 @@ def test_held_replies_arrive_late_and_a_client_that_waits_is_not_flagged(sink, m
     client.close()
 
     for name in ("ehlo", "mail", "rcpt", "data", "end_of_data"):
-        assert delay <= took[name] < delay + 0.4, took
-    assert took["quit"] < 0.2, took  # `other` is 0s
+        assert delay <= took[name] < 2 * delay, took  # held once, not twice
+    assert took["quit"] < 0.3, took  # `other` is 0s
     [stored] = sink.wait_messages(1)
     assert stored.content == lf(msg.data)
     assert_clean(guard, "127.0.0.2", sessions=1)
@@ -200,14 +200,16 @@ def test_the_time_a_client_takes_to_answer_is_recorded(sink, make_guard):
     gap between the end of our reply and the client's next command —
     measured from when the (held) reply went out, not from when the MTA
     answered."""
-    guard = make_guard(upstream=sink.addr, **{"turns.reply_delay.ehlo": "300ms"})
+    guard = make_guard(upstream=sink.addr, **{"turns.reply_delay.ehlo": "300ms", "turns.reply_delay.other": "300ms"})
     c = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
     assert c.read_reply().code == 220
-    for cmd in (b"EHLO slow.example.test\r\n", b"NOOP\r\n", b"QUIT\r\n"):
-        time.sleep(0.25)
+    # 1 s after the greeting, then 250 ms after each held reply: from when
+    # the MTA answered, those would be 550 ms
+    for pause, cmd in ((1.0, b"EHLO slow.example.test\r\n"), (0.25, b"NOOP\r\n"), (0.25, b"QUIT\r\n")):
+        time.sleep(pause)
         c.command(cmd)
     c.close()
 
     verdict = guard.wait_verdict("127.0.0.2")
     assert int(verdict["turns"]) == 3, verdict
-    assert 250 <= float(verdict["min_gap_ms"]) < 400, verdict
+    assert 250 <= float(verdict["min_gap_ms"]) < 500, verdict
