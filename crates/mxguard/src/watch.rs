@@ -10,7 +10,7 @@
 //! so, or after the quarantine file is on disk (fsynced); when storing fails
 //! the client gets a `451` and retries.
 
-use std::io;
+use std::io::{self, Read};
 
 use mxguard_net::{Direction, RelayMode, RelayObserver};
 use mxguard_policy::action::Action;
@@ -18,7 +18,8 @@ use mxguard_policy::Verdict;
 use mxguard_smtp::{
     Disposition, Event, ReplyDelays, SmugglingPolicy, TrackerConfig, TurnTracker, Violation,
 };
-use tokio::io::AsyncWriteExt;
+use socket2::SockRef;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
@@ -130,6 +131,10 @@ pub async fn watch(
     let mut upstream_eof = false;
     let mut upstream_shut = false;
     let mut last_activity = Instant::now();
+    // One timer for the whole watch, re-armed only when it fires: moving
+    // bytes records the instant and costs no timer work.
+    let idle_timer = sleep_until(last_activity + idle);
+    tokio::pin!(idle_timer);
 
     loop {
         // A violation pauses the tracker until its action is applied.
@@ -178,12 +183,11 @@ pub async fn watch(
         let write_client = w.tracker.client_output(now.into_std()).is_some();
         let write_upstream = !w.tracker.upstream_output().is_empty() && !upstream_eof;
         let release = w.tracker.poll_timeout().map(Instant::from_std);
-        let idle_at = last_activity + idle;
 
         tokio::select! {
-            ready = client.readable(), if read_client => {
-                if ready.is_err() { client_eof = true; continue; }
-                match client.try_read(&mut buf) {
+            ready = client.ready(Interest::READABLE), if read_client => {
+                let Ok(ready) = ready else { client_eof = true; continue; };
+                match read_turn(client, &mut buf, ready.is_read_closed()) {
                     Ok(0) => client_eof = true,
                     Ok(n) => {
                         last_activity = Instant::now();
@@ -197,9 +201,9 @@ pub async fn watch(
                     }
                 }
             }
-            ready = upstream.readable(), if !upstream_eof => {
-                if ready.is_err() { upstream_eof = true; continue; }
-                match upstream.try_read(&mut buf) {
+            ready = upstream.ready(Interest::READABLE), if !upstream_eof => {
+                let Ok(ready) = ready else { upstream_eof = true; continue; };
+                match read_turn(upstream, &mut buf, ready.is_read_closed()) {
                     Ok(0) => upstream_eof = true,
                     Ok(n) => {
                         last_activity = Instant::now();
@@ -220,16 +224,46 @@ pub async fn watch(
             }
             _ = client.writable(), if write_client => {}
             _ = upstream.writable(), if write_upstream => {}
-            () = sleep_until(release.unwrap_or(idle_at)), if release.is_some() => {}
-            () = sleep_until(idle_at) => {
-                if Instant::now() >= last_activity + idle && !write_client && release.is_none() {
+            () = async { if let Some(at) = release { sleep_until(at).await } }, if release.is_some() => {}
+            () = &mut idle_timer => {
+                let now = Instant::now();
+                if now >= last_activity + idle && !write_client && release.is_none() {
                     let reply = format!("421 4.4.2 {} Error: timeout exceeded\r\n", config.hostname);
                     w.record.bytes_down += write_reply(client, reply.as_bytes()).await;
                     w.record.end = "idle";
                     return WatchEnd::Over { quit: !w.tracker.in_message() };
                 }
+                // Activity since, or replies still owed: look again an idle
+                // period after the last byte (or from now, if that passed).
+                let next = last_activity + idle;
+                idle_timer.as_mut().reset(if next > now { next } else { now + idle });
             }
         }
+    }
+}
+
+/// Reads what the socket holds. A read shorter than the buffer took all a
+/// TCP socket had, so its readiness is cleared now rather than by the
+/// EAGAIN of one more read (a syscall saved per turn each way); bytes or a
+/// FIN arriving later raise a new edge, and tokio keeps readiness that came
+/// after the one observed. Not when the peer's FIN was already seen
+/// (`closing`): that edge is not raised again.
+fn read_turn(stream: &TcpStream, buf: &mut [u8], closing: bool) -> io::Result<usize> {
+    if closing {
+        return stream.try_read(buf);
+    }
+    let mut short = None;
+    let result = stream.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(stream)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (Err(_), Some(n)) => Ok(n),
+        (result, _) => result,
     }
 }
 
