@@ -180,8 +180,16 @@ mod tests {
     #[test]
     fn a_connection_to_our_own_listener_is_a_loop() {
         let listeners = [a("0.0.0.0:10025")];
-        assert!(is_loop(a("192.0.2.1:10025"), &listeners, &local_if_loopback));
-        assert!(is_loop(a("127.0.0.1:10025"), &listeners, &local_if_loopback));
+        assert!(is_loop(
+            a("192.0.2.1:10025"),
+            &listeners,
+            &local_if_loopback
+        ));
+        assert!(is_loop(
+            a("127.0.0.1:10025"),
+            &listeners,
+            &local_if_loopback
+        ));
         let listeners = [a("127.0.0.1:2525")];
         assert!(is_loop(a("127.0.0.1:2525"), &listeners, &local_if_loopback));
     }
@@ -191,21 +199,33 @@ mod tests {
         let listeners = [a("0.0.0.0:10025")];
         assert!(!is_loop(a("192.0.2.25:25"), &listeners, &local_if_loopback));
         let listeners = [a("127.0.0.1:2525")];
-        assert!(!is_loop(a("127.0.0.2:2525"), &listeners, &local_if_loopback));
+        assert!(!is_loop(
+            a("127.0.0.2:2525"),
+            &listeners,
+            &local_if_loopback
+        ));
     }
 
     #[test]
     fn an_mta_on_another_host_at_our_port_is_not_a_loop() {
         // fixed mode: listen on 0.0.0.0:25, the MTA is 198.51.100.25:25.
         let listeners = [a("0.0.0.0:25")];
-        assert!(!is_loop(a("198.51.100.25:25"), &listeners, &local_if_loopback));
+        assert!(!is_loop(
+            a("198.51.100.25:25"),
+            &listeners,
+            &local_if_loopback
+        ));
         assert!(is_loop(a("192.0.2.1:25"), &listeners, &local_if_loopback));
     }
 
     #[test]
     fn mapped_addresses_are_compared_as_ipv4() {
         let listeners = [a("127.0.0.1:2525")];
-        assert!(is_loop(a("[::ffff:127.0.0.1]:2525"), &listeners, &local_if_loopback));
+        assert!(is_loop(
+            a("[::ffff:127.0.0.1]:2525"),
+            &listeners,
+            &local_if_loopback
+        ));
         assert!(same(a("[::ffff:127.0.0.1]:2525"), a("127.0.0.1:2525")));
     }
 
