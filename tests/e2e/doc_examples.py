@@ -276,6 +276,28 @@ def tls_on_plaintext():
 
 
 @scenario
+def implicit_tls():
+    d = Doc("implicit_tls")
+    sink = peers.SmtpSink(d.w)
+    g = G.Guard(d.w, upstream=sink.addr)
+    TClient.doc = d
+    c = TClient("127.0.0.1", g.port, source="127.0.0.2")
+    h = client_hello()
+    c.send(h, label=f"{h[:6].hex(' ')} ... ({len(h)} bytes: a TLS ClientHello, at connect)")
+    c.finish()
+    section(d, "log")
+    guard_log(d, g)
+    section(d, "metrics")
+    metrics(d, g)
+    section(d, "next connection (not blocklisted)")
+    c = client(d, g)
+    c.read_reply()
+    c.send(b"QUIT\r\n")
+    c.finish()
+    g.stop()
+    d.done()
+
+@scenario
 def bare_lf():
     d = Doc("bare_lf")
     sink = peers.PostfixMta(d.w)

@@ -60,7 +60,7 @@ def test_through_the_guard_exim_never_learns_pipeconnect(strip, workdir, make_gu
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known hazard, see the report: an Exim that cached PIPECONNECT before the guard was put in front of the MTA "
+    "known hazard, docs/protocol-tests.md: an Exim that cached PIPECONNECT before the guard was put in front of the MTA "
     "talks early once, is rejected as a pregreet and blocklisted, and its next message bounces on the 554 "
     "'client blocked' reply"))
 def test_an_exim_that_learned_pipeconnect_before_the_guard_came_does_not_lose_mail(workdir, make_guard):
