@@ -86,6 +86,14 @@ impl Pen {
         }
     }
 
+    /// Opens the epoll set (two descriptors: the set and the registry's
+    /// duplicate) and starts the pen's task now, at the daemon's start,
+    /// rather than with the first session parked: descriptor counts then
+    /// rest where they started once the sessions are gone.
+    pub fn start(&self) {
+        let _ = self.inner();
+    }
+
     /// Sessions in the pen now.
     #[cfg(test)]
     pub fn len(&self) -> usize {

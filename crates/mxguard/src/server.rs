@@ -315,6 +315,7 @@ pub async fn run(
         quarantine,
     ));
     shared.tokens.store(Arc::new(tokens));
+    shared.pen.start();
     shared
         .events
         .configure(config.log.events.as_deref())
