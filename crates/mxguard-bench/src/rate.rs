@@ -6,7 +6,10 @@
 //!
 //! Prints one JSON line: sessions done and failed, the rate achieved, and
 //! p50/p90/p99/max in milliseconds of the time to the greeting's final line
-//! and to the end of the session.
+//! and to the end of the session. With `MXBENCH_SLOWEST=1` in the
+//! environment, the 30 slowest sessions go to stderr with the instant they
+//! were due: a burst of them at one instant is a stall, of the server or of
+//! the machine.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -52,10 +55,10 @@ pub fn main(args: &Args) -> Result<(), String> {
                 }
                 let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
                 match session(target, source, due) {
-                    Ok(sample) => samples
+                    Ok((greeted, done)) => samples
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .push(sample),
+                        .push((greeted, done, (due - start).as_secs_f64() * 1e3)),
                     Err(e) => {
                         if failed.fetch_add(1, Ordering::Relaxed) == 0 {
                             eprintln!("mxbench rate: session {i}: {e}");
@@ -70,6 +73,18 @@ pub fn main(args: &Args) -> Result<(), String> {
     }
     let took = start.elapsed().as_secs_f64();
     let samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
+    if std::env::var_os("MXBENCH_SLOWEST").is_some() {
+        // Which sessions were slow, by when they were due (ms from start):
+        // stalls that recur at an interval point at a periodic task.
+        let mut slow: Vec<&(f64, f64, f64)> = samples.iter().collect();
+        slow.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for s in slow.iter().take(30) {
+            eprintln!(
+                "due {:9.3} ms: greeting {:7.3} ms, session {:7.3} ms",
+                s.2, s.0, s.1
+            );
+        }
+    }
     let mut greet: Vec<f64> = samples.iter().map(|s| s.0).collect();
     let mut done: Vec<f64> = samples.iter().map(|s| s.1).collect();
     greet.sort_by(f64::total_cmp);
