@@ -554,6 +554,19 @@ def write_report(run: Run, out: Path, started: str, load_before: str) -> None:
                     if k.startswith(("postscreen", "default_process", "smtpd_client", "mynetworks"))], "```"]
     if getattr(run, "haproxy_config", None):
         parts += ["", "HAProxy, held sessions:", "", "```", run.haproxy_config.strip(), "```"]
+    parts += ["", "The other runs: the MTA stand-ins are `smtp-sink -u postfix ADDR 4096` (rate, latency) "
+              "and `mxbench sink --listen ADDR` (bulk); HAProxy is `haproxy -db -f CFG` with the held "
+              "config less the inspect delay (`maxconn 4000`), plus `option splice-auto` in the frontend "
+              "and the backend for the splice rows; mxguard is `mxguard run --config CFG` with the held "
+              "config and:", "",
+              "| path | settings |", "|---|---|",
+              *[f"| {label(path)} | " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in settings.items())
+                + " |" for path, settings in (
+                  ("mxguard", GUARD_FAST),
+                  ("mxguard-greeting", {**GUARD_FAST, "turns.watch": "greeting"}),
+                  ("mxguard-copy", {**GUARD_FAST, "turns.watch": "greeting", "relay.mode": "copy"}),
+                  ("mxguard-delay", {**GUARD_FAST, "greet.delay": "100ms", "greet.challenge": True,
+                                     "greet.connect_lead": "50ms", "pass_cache.ttl": "0s"}))]]
     parts += ["", *run.notes]
     out.write_text("\n".join(parts).rstrip() + "\n")
 
