@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -648,6 +649,8 @@ def main() -> int:
         if not os.access(binary, os.X_OK):
             print(f"missing {binary}: build it first (make bench does)", file=sys.stderr)
             return 2
+    # A run stopped from outside (timeout, ^C) still stops what it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = loadavg()
     try:

@@ -29,6 +29,8 @@
 //!
 //! // the holding pen's epoll set, woken through tokio
 //! pub fn watched_poll() -> io::Result<AsyncFd<mio::Poll>>
+//! // nanosecond waits where tokio's 1 ms wheel is too coarse (timerfd)
+//! pub struct FineTimer; fn new(), fn arm(after), async fn fired()
 //!
 //! // timing features
 //! pub fn tcp_rtt(sock: &impl AsFd) -> io::Result<Duration>
@@ -43,12 +45,14 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod epoll;
+pub mod fine_timer;
 pub mod orig_dst;
 pub mod relay;
 pub mod sockets;
 pub mod tcp_info;
 
 pub use epoll::watched_poll;
+pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;
 pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
 pub use sockets::{bind_listener, connect_upstream};

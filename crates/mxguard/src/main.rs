@@ -13,6 +13,7 @@ mod api;
 mod cluster;
 mod config;
 mod ctl;
+mod deadline;
 mod demo;
 mod events;
 mod intercept;

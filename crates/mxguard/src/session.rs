@@ -40,7 +40,7 @@ use mxguard_smtp::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::admission::{Gate, Permit};
 use crate::admission_config::OverLimit;
@@ -873,7 +873,10 @@ async fn greet(
                     tracing::debug!("upstream {dst} failed during the greeting: {kind}");
                 }
             }
-            () = sleep_until(wake) => {}
+            // Only a wake-up still ahead: once the delay is over and the
+            // upstream still connecting or greeting, the loop waits for it
+            // (a past deadline here used to spin the loop until then).
+            () = shared.pen.deadlines.sleep_until(wake), if wake > now => {}
         }
     }
 
