@@ -769,115 +769,140 @@ async fn greet(
                 connected
             }));
         }
-        if upstream.settled() && now >= deadline {
-            break;
-        }
-        let wake = if matches!(upstream, Upstream::Idle) {
-            connect_at
+        let keep_reading = client_open && early.len() < EARLY_BUFFER_MAX;
+        let observe = !config.pregreet.action.ends_session();
+        let read = if upstream.settled() && now >= deadline {
+            // The greeting is about to leave. Bytes the client sent before
+            // this instant are early talk even when the runtime has not yet
+            // told us of them (the reactor's readiness lags the socket, and
+            // the deadline may have woken us in the same turn): one last
+            // look at the socket itself, without blocking.
+            if !keep_reading {
+                break;
+            }
+            match last_look(client, &mut watch, observe.then_some(&mut early)) {
+                ClientRead::WouldBlock => break,
+                read => read,
+            }
         } else {
-            deadline
-        };
-        tokio::select! {
-            ready = client.readable(), if client_open && early.len() < EARLY_BUFFER_MAX => {
-                if ready.is_err() {
-                    client_open = false;
-                    continue;
-                }
-                let observe = !config.pregreet.action.ends_session();
-                match read_early(client, &mut watch, observe.then_some(&mut early)) {
-                    ClientRead::WouldBlock => continue,
-                    ClientRead::Closed => {
+            let wake = if matches!(upstream, Upstream::Idle) {
+                connect_at
+            } else {
+                deadline
+            };
+            tokio::select! {
+                // The client first: of early bytes and the end of the delay
+                // ready at once, the early bytes win.
+                biased;
+                ready = client.readable(), if keep_reading => {
+                    if ready.is_err() {
                         client_open = false;
-                        if watch.current().is_none() || !observe {
-                            hangup(shared, record, started);
-                            upstream.quit().await;
-                            return None;
-                        }
-                        // An observed early talker that half-closed: its
-                        // bytes still go to the upstream after the greeting.
                         continue;
                     }
-                    ClientRead::Early { n, event, tls } => {
-                        record.bytes_up += n as u64;
-                        if tls {
-                            // A real sender set up for implicit TLS speaks
-                            // first with a ClientHello: its own test, not a
-                            // pregreet bot to blocklist.
-                            tracing::info!(
-                                target: "mxguard::detect",
-                                "TLS-ON-PLAINTEXT from [{}]:{}: TLS handshake on the plaintext port",
-                                peer.ip(),
-                                peer.port()
-                            );
-                            shared
-                                .metrics
-                                .detections
-                                .with_label_values(&["tls-on-plaintext"])
-                                .inc();
-                            record.fired("tls-on-plaintext");
-                            tls_hello = true;
-                        } else if let Some(event) = event {
-                            tracing::info!(
-                                target: "mxguard::detect",
-                                "{event} from [{}]:{}: {}",
-                                peer.ip(),
-                                peer.port(),
-                                event.first_bytes
-                            );
-                            shared.metrics.detections.with_label_values(&["pregreet"]).inc();
-                            record.fired("pregreet");
-                            shared.admission.add_points(
-                                shared,
-                                runtime,
-                                peer.ip(),
-                                config.reputation.detection_points,
-                                "pregreet",
-                            );
-                        }
+                    read_early(client, &mut watch, observe.then_some(&mut early))
+                }
+                () = upstream.advance(greet.banner_timeout.0) => {
+                    if let Upstream::Failed(kind) = &upstream {
+                        shared.metrics.upstream_connect_errors.with_label_values(&[kind]).inc();
+                        tracing::debug!("upstream {dst} failed during the greeting: {kind}");
                     }
+                    continue;
                 }
-                let action = if tls_hello {
-                    config.actions.tls_on_plaintext
-                } else {
-                    config.pregreet.action
-                };
-                let (verdict, label) = match action {
-                    Action::Reject => (Verdict::Reject, "reject"),
-                    Action::Drop => (Verdict::Drop, "drop"),
-                    Action::Tempfail => (Verdict::Tempfail, "tempfail"),
-                    _ => continue,
-                };
-                shared.count_action(action);
-                let reply = match action {
-                    Action::Reject => Some(pregreet_reject_reply(&config.hostname)),
-                    Action::Tempfail => Some(tempfail_reply(&config.hostname)),
-                    _ => None,
-                };
-                if let Some(reply) = reply {
-                    record.bytes_down += write_reply(client, &reply).await;
-                    discard_pending(client);
-                }
-                if action != Action::Tempfail && !tls_hello {
-                    shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
-                }
-                record.verdict = verdict;
-                record.end = "closed";
-                shared.metrics.greet_held_seconds.with_label_values(&[label])
-                    .observe(started.elapsed().as_secs_f64());
-                upstream.quit().await;
-                return None;
+                // Only a wake-up still ahead: once the delay is over and the
+                // upstream still connecting or greeting, the loop waits for it
+                // (a past deadline here used to spin the loop until then).
+                () = shared.pen.deadlines.sleep_until(wake), if wake > now => continue,
             }
-            () = upstream.advance(greet.banner_timeout.0) => {
-                if let Upstream::Failed(kind) = &upstream {
-                    shared.metrics.upstream_connect_errors.with_label_values(&[kind]).inc();
-                    tracing::debug!("upstream {dst} failed during the greeting: {kind}");
+        };
+        match read {
+            ClientRead::WouldBlock => continue,
+            ClientRead::Closed => {
+                client_open = false;
+                if watch.current().is_none() || !observe {
+                    hangup(shared, record, started);
+                    upstream.quit().await;
+                    return None;
+                }
+                // An observed early talker that half-closed: its
+                // bytes still go to the upstream after the greeting.
+                continue;
+            }
+            ClientRead::Early { n, event, tls } => {
+                record.bytes_up += n as u64;
+                if tls {
+                    // A real sender set up for implicit TLS speaks
+                    // first with a ClientHello: its own test, not a
+                    // pregreet bot to blocklist.
+                    tracing::info!(
+                        target: "mxguard::detect",
+                        "TLS-ON-PLAINTEXT from [{}]:{}: TLS handshake on the plaintext port",
+                        peer.ip(),
+                        peer.port()
+                    );
+                    shared
+                        .metrics
+                        .detections
+                        .with_label_values(&["tls-on-plaintext"])
+                        .inc();
+                    record.fired("tls-on-plaintext");
+                    tls_hello = true;
+                } else if let Some(event) = event {
+                    tracing::info!(
+                        target: "mxguard::detect",
+                        "{event} from [{}]:{}: {}",
+                        peer.ip(),
+                        peer.port(),
+                        event.first_bytes
+                    );
+                    shared
+                        .metrics
+                        .detections
+                        .with_label_values(&["pregreet"])
+                        .inc();
+                    record.fired("pregreet");
+                    shared.admission.add_points(
+                        shared,
+                        runtime,
+                        peer.ip(),
+                        config.reputation.detection_points,
+                        "pregreet",
+                    );
                 }
             }
-            // Only a wake-up still ahead: once the delay is over and the
-            // upstream still connecting or greeting, the loop waits for it
-            // (a past deadline here used to spin the loop until then).
-            () = shared.pen.deadlines.sleep_until(wake), if wake > now => {}
         }
+        let action = if tls_hello {
+            config.actions.tls_on_plaintext
+        } else {
+            config.pregreet.action
+        };
+        let (verdict, label) = match action {
+            Action::Reject => (Verdict::Reject, "reject"),
+            Action::Drop => (Verdict::Drop, "drop"),
+            Action::Tempfail => (Verdict::Tempfail, "tempfail"),
+            _ => continue,
+        };
+        shared.count_action(action);
+        let reply = match action {
+            Action::Reject => Some(pregreet_reject_reply(&config.hostname)),
+            Action::Tempfail => Some(tempfail_reply(&config.hostname)),
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            record.bytes_down += write_reply(client, &reply).await;
+            discard_pending(client);
+        }
+        if action != Action::Tempfail && !tls_hello {
+            shared.block(peer.ip(), config.pregreet.block_ttl.0, "pregreet");
+        }
+        record.verdict = verdict;
+        record.end = "closed";
+        shared
+            .metrics
+            .greet_held_seconds
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        upstream.quit().await;
+        return None;
     }
 
     shared
@@ -959,14 +984,7 @@ fn read_early(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ClientRead::WouldBlock,
         Err(_) => return ClientRead::Closed,
     };
-    let event = watch.on_early_bytes(Instant::now().into_std(), &buf[..n]);
-    let tls = event.is_some()
-        && mxguard_smtp::command::foreign(&buf[..n])
-            == Some(mxguard_smtp::command::Foreign::TlsHandshake);
-    if let Some(keep) = keep {
-        keep.extend_from_slice(&buf[..n]);
-    }
-    ClientRead::Early { n, event, tls }
+    early_bytes(&buf[..n], watch, keep)
 }
 
 /// What one read of the upstream's banner gave.
@@ -976,6 +994,44 @@ enum BannerRead {
     Complete(Reply),
     /// EOF, reset, or not a reply.
     Failed,
+}
+
+/// The end of the greeting's look at the client: a read straight from the
+/// socket, not through the runtime's readiness (which may not know yet of
+/// bytes already queued), without blocking. Bytes read are early talk, as
+/// in [`read_early`].
+fn last_look(
+    client: &TcpStream,
+    watch: &mut PregreetWatch,
+    keep: Option<&mut Vec<u8>>,
+) -> ClientRead {
+    let mut buf = [0u8; 2048];
+    // The socket is non-blocking (tokio's): this never waits.
+    let n = match std::io::Read::read(&mut &*socket2::SockRef::from(client), &mut buf) {
+        Ok(0) => return ClientRead::Closed,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ClientRead::WouldBlock,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return ClientRead::WouldBlock,
+        Err(_) => return ClientRead::Closed,
+    };
+    early_bytes(&buf[..n], watch, keep)
+}
+
+/// Early bytes read: the pregreet watch sees them, an observed talker's
+/// are kept.
+fn early_bytes(bytes: &[u8], watch: &mut PregreetWatch, keep: Option<&mut Vec<u8>>) -> ClientRead {
+    let event = watch.on_early_bytes(Instant::now().into_std(), bytes);
+    let tls = event.is_some()
+        && mxguard_smtp::command::foreign(bytes)
+            == Some(mxguard_smtp::command::Foreign::TlsHandshake);
+    if let Some(keep) = keep {
+        keep.extend_from_slice(bytes);
+    }
+    ClientRead::Early {
+        n: bytes.len(),
+        event,
+        tls,
+    }
 }
 
 /// Reads banner bytes; synchronous for the same reason as [`read_early`].
@@ -1152,6 +1208,138 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::metrics::Metrics;
+
+    /// A client's bytes that are in its socket when the greeting is due are
+    /// early talk, whatever the runtime has reported so far.
+    #[tokio::test]
+    async fn the_last_look_sees_bytes_the_runtime_has_not_reported() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut bot = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let client = TcpStream::from_std(accepted).unwrap();
+        let mut watch = PregreetWatch::new(Instant::now().into_std(), 64);
+
+        assert!(matches!(
+            last_look(&client, &mut watch, None),
+            ClientRead::WouldBlock
+        ));
+        bot.write_all(b"EHLO bot.example\r\n").unwrap();
+        // The runtime does not run meanwhile: it cannot know of the bytes.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut kept = Vec::new();
+        match last_look(&client, &mut watch, Some(&mut kept)) {
+            ClientRead::Early { n, event, tls } => {
+                assert_eq!(n, 18);
+                assert!(event.is_some(), "the first early bytes are an event");
+                assert!(!tls);
+            }
+            _ => panic!("the bytes in the socket were not seen"),
+        }
+        assert_eq!(kept, b"EHLO bot.example\r\n");
+        drop(bot);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(
+            last_look(&client, &mut watch, None),
+            ClientRead::Closed
+        ));
+    }
+
+    /// One greeting whose end races the client's EHLO: the bot speaks, the
+    /// MTA's banner comes in and the delay runs out while the runtime is
+    /// busy elsewhere (blocked here), so all three are ready at once when
+    /// the greeting goes on. Returns the verdict and the tests that fired.
+    async fn greet_racing_an_early_ehlo(delay: Duration) -> (Verdict, Vec<&'static str>) {
+        use std::io::Write;
+        let mut config = Config::default();
+        config.greet.delay = crate::config::Dur(delay);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guard_addr = listener.local_addr().unwrap();
+        let mta = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mta_addr = mta.local_addr().unwrap();
+        let shared = Arc::new(Shared::new(
+            config,
+            Metrics::new().unwrap(),
+            vec![guard_addr],
+            None,
+        ));
+        let runtime = shared.runtime.load_full();
+        let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut client = TcpStream::from_std(accepted).unwrap();
+        let mut record = Record {
+            live: shared.sessions.register(peer),
+            client: peer,
+            orig_dst: Some(mta_addr),
+            verdict: Verdict::Error,
+            tests: Vec::new(),
+            end: "",
+            bytes_up: 0,
+            bytes_down: 0,
+            turns: 0,
+            min_gap: None,
+            authenticated: false,
+        };
+        let started = Instant::now();
+        let hold = Hold {
+            delay,
+            challenge: true,
+            eager: true,
+            lead: Duration::ZERO,
+        };
+        let race = async {
+            // The guard connects at once (eager); the MTA takes it from its
+            // backlog.
+            mta.set_nonblocking(true).unwrap();
+            let mut mta_side = loop {
+                match mta.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            };
+            tokio::time::sleep_until(started + delay.saturating_sub(Duration::from_millis(50)))
+                .await;
+            bot.write_all(b"EHLO bot.example\r\n").unwrap();
+            mta_side.write_all(b"220 mta.example ESMTP\r\n").unwrap();
+            // The MTA's side is done: a QUIT to it is not waited on.
+            mta_side.shutdown(std::net::Shutdown::Write).unwrap();
+            std::thread::sleep(
+                (started + delay + Duration::from_millis(20))
+                    .saturating_duration_since(Instant::now()),
+            );
+            mta_side
+        };
+        let (end, _mta_side) = tokio::join!(
+            greet(
+                &shared,
+                &runtime,
+                &mut client,
+                mta_addr,
+                started,
+                hold,
+                &mut record
+            ),
+            race
+        );
+        assert!(end.is_none(), "the bot was greeted");
+        (record.verdict, record.tests.clone())
+    }
+
+    /// Early bytes pending when the greeting is due are caught as
+    /// pregreet, never taken for the first command, however the wake-ups
+    /// fall (tokio picks a ready branch at random: repeated to cover them).
+    #[tokio::test]
+    async fn an_ehlo_a_moment_before_the_greeting_is_caught() {
+        for delay in [Duration::ZERO, Duration::from_millis(80)] {
+            for _ in 0..15 {
+                let (verdict, tests) = greet_racing_an_early_ehlo(delay).await;
+                assert_eq!(verdict, Verdict::Reject, "delay {delay:?}");
+                assert_eq!(tests, ["pregreet"], "delay {delay:?}");
+            }
+        }
+    }
 
     /// Every accepted session's task starts with this future: resolve and
     /// admit, then park (long delay) or go on in a boxed future. Keep it
