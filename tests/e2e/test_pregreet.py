@@ -13,7 +13,7 @@ import time
 import pytest
 
 from guard import observe_every_other_test
-from peers import RawClient, lf, make_message, smtplib_send, strip_trace_headers, swaks
+from peers import RawClient, ScriptedUpstream, lf, make_message, smtplib_send, strip_trace_headers, swaks, wait_until
 
 EHLO = b"EHLO bot.example.test\r\n"
 
@@ -157,6 +157,37 @@ def test_eager_upstream_gets_a_polite_quit_and_none_of_the_bots_bytes(sink, make
         time.sleep(0.05)
     assert sink.commands() == ["QUIT"], "the MTA gets QUIT and nothing the bot sent"
     assert guard.wait_verdict("127.0.0.2")["verdict"] == "reject"
+
+
+@pytest.mark.parametrize("action", ["reject", "drop", "tempfail"])
+def test_a_refused_early_talker_is_closed_before_the_mta_is_told_quit(action, make_guard):
+    # An MTA that greets and then never answers (not even QUIT): the guard's
+    # polite QUIT to it may take up to 2 s. A bot holds many connections;
+    # its descriptor must be freed at once, not after that wait.
+    upstream = ScriptedUpstream("banner-then-hang")
+    guard = make_guard(upstream=upstream.addr, **{"greet.delay": "3s", "greet.upstream_connect": "eager",
+                                                  "pregreet.action": action})
+
+    client = RawClient("127.0.0.1", guard.port, source="127.0.0.2")
+    wait_until(lambda: upstream.accepted == 1, 5, "the eager upstream connection")
+    time.sleep(0.2)  # its banner read by the guard
+    sent_at = client.elapsed()
+    client.send(EHLO)
+    seen = client.read_until_closed(timeout=5)
+    closed_after = client.elapsed() - sent_at
+    mta_still_open = upstream.eofs == 0
+    client.close()
+
+    if action == "reject":
+        assert re.search(rb"(?m)^554 5\.7\.1 ", seen), seen
+    elif action == "tempfail":
+        assert re.search(rb"(?m)^421 4\.3\.2 ", seen), seen
+    assert mta_still_open, "the client was closed only after the MTA connection"
+    # QUIT waits up to 2 s for the MTA; the client must not (a generous bound).
+    assert closed_after < 1.5, f"the client waited {closed_after:.2f}s for its close"
+    assert guard.wait_verdict("127.0.0.2")["verdict"] == action
+    # The MTA still gets its QUIT and, when it does not answer, a close.
+    wait_until(lambda: upstream.eofs == 1, 10, "the MTA connection closed")
 
 
 def test_blocklist_entry_expires_after_block_ttl(sink, make_guard):

@@ -473,14 +473,20 @@ async fn greet_and_relay(
     } = after;
     let greeted = greet(shared, runtime, &mut client, dst, started, hold, record).await;
     drop(phase);
-    let Some(Greeted {
+    let Greeted {
         mut upstream,
         early,
         upstream_rest,
         mut action,
-    }) = greeted
-    else {
-        return;
+    } = match greeted {
+        GreetEnd::Greeted(greeted) => greeted,
+        GreetEnd::Over(quit) => {
+            drop(client);
+            if let Some(quit) = quit {
+                quit.await;
+            }
+            return;
+        }
     };
     if tarpit && action.strength() < Action::Tarpit.strength() {
         action = Action::Tarpit;
@@ -506,6 +512,8 @@ async fn greet_and_relay(
         match end {
             WatchEnd::Blind => {}
             WatchEnd::Over { quit } => {
+                // The client first, as at the end of the greeting.
+                drop(client);
                 if quit {
                     Box::pin(quit_upstream(upstream)).await;
                 }
@@ -720,18 +728,33 @@ impl Upstream {
         }
     }
 
-    /// Closes the upstream side politely, whatever state it is in.
-    async fn quit(self) {
+    /// The polite QUIT this upstream is owed, whatever state it is in
+    /// (none if it was never connected); to be awaited once the client is
+    /// closed.
+    fn quit_later(self) -> Option<QuitLater> {
         match self {
             Self::Banner { stream, .. } | Self::Ready { stream, .. } => {
-                Box::pin(quit_upstream(stream)).await
+                Some(Box::pin(quit_upstream(stream)))
             }
-            Self::Idle | Self::Connecting(_) | Self::Failed(_) => {}
+            Self::Idle | Self::Connecting(_) | Self::Failed(_) => None,
         }
     }
 }
 
-/// The greet phase. Returns `None` when the session ended in it.
+/// An upstream QUIT still to be said, once the client is closed.
+type QuitLater = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How the greet phase ended.
+enum GreetEnd {
+    Greeted(Greeted),
+    /// The session ended in the greeting. The client is closed first (a
+    /// bot holding many connections gets its descriptors back at once),
+    /// then the upstream, if it was connected, is told QUIT (up to
+    /// `QUIT_TIMEOUT`).
+    Over(Option<QuitLater>),
+}
+
+/// The greet phase.
 async fn greet(
     shared: &Shared,
     runtime: &Runtime,
@@ -740,7 +763,7 @@ async fn greet(
     started: Instant,
     hold: Hold,
     record: &mut Record<'_>,
-) -> Option<Greeted> {
+) -> GreetEnd {
     let config = &runtime.config;
     let peer = record.client;
     let greet = &config.greet;
@@ -820,8 +843,7 @@ async fn greet(
                 client_open = false;
                 if watch.current().is_none() || !observe {
                     hangup(shared, record, started);
-                    upstream.quit().await;
-                    return None;
+                    return GreetEnd::Over(upstream.quit_later());
                 }
                 // An observed early talker that half-closed: its
                 // bytes still go to the upstream after the greeting.
@@ -901,8 +923,9 @@ async fn greet(
             .greet_held_seconds
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
-        upstream.quit().await;
-        return None;
+        // The client is closed first (its descriptor freed at once), the
+        // upstream told QUIT after.
+        return GreetEnd::Over(upstream.quit_later());
     }
 
     shared
@@ -926,13 +949,25 @@ async fn greet(
     record.bytes_down += write_reply(client, &plan.to_client).await;
 
     if let Some(refusal) = plan.deferred_refusal {
-        if let Some(stream) = stream {
-            Box::pin(quit_upstream(stream)).await;
+        // The MTA is no longer needed: it is told QUIT while the client
+        // gets to its first command, and what is left of that QUIT waits
+        // until the client is answered and closed.
+        let mut quit = stream.map(|stream| -> QuitLater { Box::pin(quit_upstream(stream)) });
+        {
+            // Boxed: a held session's future does not carry its buffer.
+            let mut refused = Box::pin(refuse_at_first_command(client, &refusal, runtime, record));
+            loop {
+                tokio::select! {
+                    () = &mut refused => break,
+                    () = async { if let Some(q) = quit.as_mut() { q.await } }, if quit.is_some() => {
+                        quit = None;
+                    }
+                }
+            }
         }
-        Box::pin(refuse_at_first_command(client, &refusal, runtime, record)).await;
         record.verdict = Verdict::Tempfail;
         record.fired("upstream");
-        return None;
+        return GreetEnd::Over(quit);
     }
     let action = if watch.current().is_some() {
         config.pregreet.action
@@ -940,7 +975,7 @@ async fn greet(
         Action::Observe
     };
     match stream {
-        Some(upstream) if !plan.close => Some(Greeted {
+        Some(upstream) if !plan.close => GreetEnd::Greeted(Greeted {
             upstream,
             early,
             upstream_rest: rest,
@@ -950,7 +985,7 @@ async fn greet(
             record.verdict = Verdict::Tempfail;
             record.fired("upstream");
             record.end = "closed";
-            None
+            GreetEnd::Over(None)
         }
     }
 }
@@ -1323,7 +1358,7 @@ mod tests {
             ),
             race
         );
-        assert!(end.is_none(), "the bot was greeted");
+        assert!(matches!(end, GreetEnd::Over(_)), "the bot was greeted");
         (record.verdict, record.tests.clone())
     }
 
