@@ -62,6 +62,13 @@ def test_upstream_refusal_banner_reaches_the_client_at_its_first_command(code, m
 
     assert reply.code == code, reply.lines
     assert b"scripted.example.test no service here" in reply.lines[0], reply.lines
+    # The MTA's permanent refusal is a reject, its 421 a tempfail: the
+    # verdict says what the client was told.
+    verdict = "reject" if code == 554 else "tempfail"
+    record = guard.wait_verdict("127.0.0.2")
+    assert record["verdict"] == verdict, record
+    assert record["test"] == "upstream", record
+    guard.wait_metric("mxguard_connections_total", 1, outcome=verdict)
 
 
 @pytest.mark.parametrize("code", [554, 421])

@@ -965,7 +965,7 @@ async fn greet(
                 }
             }
         }
-        record.verdict = Verdict::Tempfail;
+        record.verdict = refusal_verdict(&refusal);
         record.fired("upstream");
         return GreetEnd::Over(quit);
     }
@@ -987,6 +987,16 @@ async fn greet(
             record.end = "closed";
             GreetEnd::Over(None)
         }
+    }
+}
+
+/// The verdict of a session refused on the MTA's behalf: a permanent
+/// refusal (the MTA's own `554` banner) is a reject, anything else (our
+/// `421`, the MTA's `421`) a tempfail.
+fn refusal_verdict(refusal: &[u8]) -> Verdict {
+    match refusal.first() {
+        Some(b'5') => Verdict::Reject,
+        _ => Verdict::Tempfail,
     }
 }
 
