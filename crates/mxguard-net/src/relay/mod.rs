@@ -237,3 +237,111 @@ fn relay_error(fault: Fault, stats: RelayStats) -> RelayError {
         Culprit::Local => RelayError::Local { error, stats },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::pipe::tests::set_cramped;
+    use super::*;
+
+    /// Two loopback connections: (client app, guard's client side) and
+    /// (guard's upstream side, MTA app).
+    async fn two_pairs() -> [TcpStream; 4] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let (near, far) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            out.push(near.unwrap());
+            out.push(far.unwrap().0);
+        }
+        let [client, guard_client, guard_upstream, mta]: [TcpStream; 4] = out.try_into().unwrap();
+        [client, guard_client, guard_upstream, mta]
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Client sends `mail` and half-closes, the MTA sends `reply` and
+    /// half-closes; returns what each received and the relay's result.
+    async fn exchange(mail: &[u8], reply: &[u8]) -> (Vec<u8>, Vec<u8>, RelayStats) {
+        let [mut client, guard_client, guard_upstream, mut mta] = two_pairs().await;
+        let relay = relay(
+            &guard_client,
+            &guard_upstream,
+            RelayMode::Splice,
+            Duration::from_secs(30),
+            &(),
+        );
+        let client_side = async {
+            let (mut rd, mut wr) = client.split();
+            let mut got = Vec::new();
+            let ((), r) = tokio::join!(
+                async {
+                    wr.write_all(mail).await.unwrap();
+                    wr.shutdown().await.unwrap();
+                },
+                rd.read_to_end(&mut got)
+            );
+            r.unwrap();
+            got
+        };
+        let mta_side = async {
+            let (mut rd, mut wr) = mta.split();
+            let mut got = Vec::new();
+            let ((), r) = tokio::join!(
+                async {
+                    wr.write_all(reply).await.unwrap();
+                    wr.shutdown().await.unwrap();
+                },
+                rd.read_to_end(&mut got)
+            );
+            r.unwrap();
+            got
+        };
+        let (stats, client_got, mta_got) = tokio::join!(relay, client_side, mta_side);
+        (mta_got, client_got, stats.unwrap())
+    }
+
+    /// A service user over `pipe-user-pages-soft` gets one-page pipes that
+    /// the kernel will not grow: a bulk transfer still arrives whole, in
+    /// order, with the half-close passed on and every byte counted.
+    #[tokio::test(flavor = "current_thread")]
+    async fn cramped_pipes_still_carry_every_byte() {
+        set_cramped(true);
+        let mail = pattern(1, (3 << 20) + 77);
+        let reply = pattern(2, (1 << 20) + 5);
+        let (mta_got, client_got, stats) = exchange(&mail, &reply).await;
+        set_cramped(false);
+        assert!(mta_got == mail, "the MTA got different bytes");
+        assert!(client_got == reply, "the client got different bytes");
+        assert_eq!(
+            stats,
+            RelayStats {
+                up: mail.len() as u64,
+                down: reply.len() as u64
+            }
+        );
+    }
+
+    /// A bulk transfer grows its pump's pipe (where the kernel allows it),
+    /// and the big pipe waits in the pool afterwards, empty.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_bulk_transfer_grows_its_pipe_and_gives_it_back() {
+        let mail = pattern(3, 8 << 20);
+        let (mta_got, client_got, stats) = exchange(&mail, b"250 ok\r\n").await;
+        assert!(mta_got == mail, "the MTA got different bytes");
+        assert_eq!(client_got, b"250 ok\r\n");
+        assert_eq!(stats.up, mail.len() as u64);
+        if !pipe::big_pipes_refused() {
+            assert!(pipe::big_spares() >= 1, "no big pipe came back to the pool");
+        }
+    }
+}

@@ -29,9 +29,6 @@ use tokio::net::TcpStream;
 use super::pipe::Pipe;
 use super::{Direction, RelayMode, RelayObserver};
 
-/// Bytes asked of one splice(2) call: the default pipe capacity.
-const SPLICE_CHUNK: usize = 64 * 1024;
-
 /// Userspace buffer per direction in copy mode.
 const COPY_BUFFER: usize = 16 * 1024;
 
@@ -57,6 +54,9 @@ enum Holding {
         pipe: Option<Pipe>,
         /// Bytes spliced into the pipe and not yet out of it.
         held: usize,
+        /// The last read filled at least half the pipe: a bulk transfer,
+        /// worth a big pipe (see `pipe.rs`).
+        bulk: bool,
     },
     Copy {
         buf: Option<Box<[u8]>>,
@@ -72,6 +72,7 @@ impl Holding {
             RelayMode::Splice => Holding::Splice {
                 pipe: None,
                 held: 0,
+                bulk: false,
             },
             RelayMode::Copy => Holding::Copy {
                 buf: None,
@@ -92,11 +93,12 @@ impl Holding {
     /// allocates one.
     fn acquire(&mut self) -> io::Result<()> {
         match self {
-            Holding::Splice { pipe, .. } => {
-                if pipe.is_none() {
-                    *pipe = Some(Pipe::take()?);
-                }
-            }
+            Holding::Splice { pipe, held, bulk } => match pipe {
+                None => *pipe = Some(Pipe::take()?),
+                // Grown only between chunks, with the pipe empty.
+                Some(pipe) if *bulk && *held == 0 && !pipe.is_big() => pipe.grow(),
+                Some(_) => {}
+            },
             Holding::Copy { buf, .. } => {
                 if buf.is_none() {
                     *buf = Some(vec![0; COPY_BUFFER].into_boxed_slice());
@@ -110,7 +112,7 @@ impl Holding {
     fn release(&mut self) {
         debug_assert_eq!(self.held(), 0, "released while holding bytes");
         match self {
-            Holding::Splice { pipe, held: 0 } => {
+            Holding::Splice { pipe, held: 0, .. } => {
                 if let Some(pipe) = pipe.take() {
                     pipe.give_back();
                 }
@@ -131,17 +133,21 @@ impl Holding {
     fn fill_from(&mut self, src: &TcpStream) -> io::Result<usize> {
         debug_assert_eq!(self.held(), 0);
         match self {
-            Holding::Splice { pipe, held } => {
+            Holding::Splice { pipe, held, bulk } => {
                 let pipe = pipe.as_ref().ok_or_else(not_acquired)?;
+                // As much as the pipe holds: one splice each way per pipe
+                // full. (The kernel may still stop short: a pipe has a page
+                // per slot, and a socket's small fragments use whole slots.)
                 let n = splice(
                     src.as_fd(),
                     None,
                     pipe.write_end(),
                     None,
-                    SPLICE_CHUNK,
+                    pipe.capacity(),
                     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
                 )?;
                 *held += n;
+                *bulk = n >= pipe.capacity() / 2;
                 Ok(n)
             }
             Holding::Copy { buf, start, end } => {
@@ -159,7 +165,7 @@ impl Holding {
     fn drain_into(&mut self, dst: &TcpStream) -> io::Result<usize> {
         debug_assert!(self.held() > 0);
         match self {
-            Holding::Splice { pipe, held } => {
+            Holding::Splice { pipe, held, .. } => {
                 let pipe = pipe.as_ref().ok_or_else(not_acquired)?;
                 // A peer that is gone makes this EPIPE; SIGPIPE is ignored
                 // by the Rust runtime, as in every Rust binary.
