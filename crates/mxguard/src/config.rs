@@ -161,6 +161,13 @@ pub struct Turns {
     pub reply_delay: ReplyDelay,
 }
 
+/// The longest a reply may be held (`turns.reply_delay.*`). RFC 5321
+/// §4.5.3.2 has clients wait 5 minutes for most replies but only 2 for the
+/// `354` to DATA, and many give up sooner; postscreen's and greylisting's
+/// pauses are seconds. Half the shortest RFC timeout leaves room for the
+/// MTA's own time; beyond it a value is a typo (`"10m"` for `"10s"`).
+pub const MAX_REPLY_DELAY: Duration = Duration::from_secs(60);
+
 /// How long to hold the MTA's reply to each command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -429,6 +436,21 @@ impl Default for Turns {
             smuggling: Smuggling::Reject,
             reply_delay: ReplyDelay::default(),
         }
+    }
+}
+
+impl ReplyDelay {
+    /// Each delay with its key's last part.
+    fn each(&self) -> [(&'static str, Dur); 7] {
+        [
+            ("ehlo", self.ehlo),
+            ("helo", self.helo),
+            ("mail", self.mail),
+            ("rcpt", self.rcpt),
+            ("data", self.data),
+            ("end_of_data", self.end_of_data),
+            ("other", self.other),
+        ]
     }
 }
 
@@ -773,6 +795,18 @@ impl Config {
                 format!("`{}` is not a header field name", self.actions.tag_header),
             );
         }
+        for (key, delay) in self.turns.reply_delay.each() {
+            if delay.0 > MAX_REPLY_DELAY {
+                return bad(
+                    &format!("turns.reply_delay.{key}"),
+                    format!(
+                        "{delay} is more than {}: every such reply would be held that long, \
+                         close to the sender's timeout (RFC 5321 §4.5.3.2: 2m for DATA)",
+                        Dur(MAX_REPLY_DELAY)
+                    ),
+                );
+            }
+        }
         if self.actions.tarpit_delay.0 > Duration::from_secs(120) {
             return bad(
                 "actions.tarpit_delay",
@@ -972,6 +1006,40 @@ mod tests {
         assert!(e.to_string().contains("directory"), "{e}");
         let e = Config::parse("[quarantine]\nmax_message_size = \"50M\"\n").unwrap_err();
         assert_eq!(e.key, "quarantine.max_message_size");
+    }
+
+    #[test]
+    fn a_reply_delay_past_the_bound_is_refused_by_name() {
+        let c = Config::parse("[turns.reply_delay]\nrcpt = \"10m\"\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "turns.reply_delay.rcpt");
+        assert!(e.message.contains("10m"), "{}", e.message);
+        assert!(e.message.contains("more than 1m"), "{}", e.message);
+        for key in ["ehlo", "helo", "mail", "data", "end_of_data", "other"] {
+            let c = Config::parse(&format!("[turns.reply_delay]\n{key} = \"61s\"\n")).unwrap();
+            assert_eq!(
+                c.validate().unwrap_err().key,
+                format!("turns.reply_delay.{key}")
+            );
+        }
+        let c = Config::parse("[turns.reply_delay]\nrcpt = \"1m\"\nehlo = \"2s\"\n").unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn load_names_the_file_and_the_reply_delay() {
+        let dir = std::env::temp_dir().join(format!("mxguard-config-rd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("slow.toml");
+        std::fs::write(&path, "[turns.reply_delay]\nend_of_data = \"10m\"\n").unwrap();
+        let e = Config::load(Some(&path), &Overrides::default()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with(&path.display().to_string()), "{text}");
+        assert!(
+            text.contains("key `turns.reply_delay.end_of_data`"),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
