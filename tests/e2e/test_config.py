@@ -104,6 +104,7 @@ BAD = {
     "bad-mode": ("[intercept]\nmode = \"magic\"\n", "intercept.mode"),
     "bad-listen-address": ("[intercept]\nlisten = [\"not an address\"]\n", "intercept.listen"),
     "bad-upstream-connect": ("[greet]\nupstream_connect = \"sometimes\"\n", "greet.upstream_connect"),
+    "too-many-workers": ("[intercept]\nworkers = 1000\n", "intercept.workers"),
     "not-toml": ("[greet\ndelay = 1s\n", None),
 }
 

@@ -14,6 +14,8 @@
 //! // listeners and upstream connections
 //! pub fn bind_listener(addr: SocketAddr, transparent: bool, backlog: i32)
 //!     -> io::Result<std::net::TcpListener>
+//! pub fn bind_listeners(addr: SocketAddr, transparent: bool, backlog: i32, count: usize)
+//!     -> io::Result<Vec<std::net::TcpListener>>   // SO_REUSEPORT group, one per thread
 //! pub async fn connect_upstream(dst: SocketAddr, bind: Option<SocketAddr>, timeout: Duration)
 //!     -> io::Result<tokio::net::TcpStream>
 //!
@@ -55,5 +57,5 @@ pub use epoll::watched_poll;
 pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;
 pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
-pub use sockets::{bind_listener, connect_upstream};
+pub use sockets::{bind_listener, bind_listeners, connect_upstream};
 pub use tcp_info::tcp_rtt;

@@ -22,9 +22,47 @@ pub fn bind_listener(
     transparent: bool,
     backlog: i32,
 ) -> io::Result<std::net::TcpListener> {
+    bind(addr, transparent, backlog, false)
+}
+
+/// `count` listeners on one address, for `count` threads that each accept
+/// their own share: with more than one, every socket is `SO_REUSEPORT` and
+/// the kernel spreads new connections over them (by a hash of the
+/// addresses), so a connection is accepted and served by one thread and
+/// no wake-up crosses threads. Port 0 is resolved by the first socket and
+/// the rest bind the port it got. Otherwise as [`bind_listener`].
+///
+/// `SO_REUSEPORT` lets another socket of the same user join the group;
+/// only processes of our own user can (the kernel checks the effective
+/// UID), as with nginx's `reuseport` and HAProxy's default.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    transparent: bool,
+    backlog: i32,
+    count: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let shared = count > 1;
+    let first = bind(addr, transparent, backlog, shared)?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(bind(bound, transparent, backlog, shared)?);
+    }
+    Ok(listeners)
+}
+
+fn bind(
+    addr: SocketAddr,
+    transparent: bool,
+    backlog: i32,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     // socket2 opens the socket with SOCK_CLOEXEC on Linux.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

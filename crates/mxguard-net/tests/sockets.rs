@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use mxguard_net::{bind_listener, connect_upstream, original_dst, tcp_rtt};
+use mxguard_net::{bind_listener, bind_listeners, connect_upstream, original_dst, tcp_rtt};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use socket2::{Domain, SockRef, Socket, Type};
 use support::connected_pair;
@@ -260,4 +260,44 @@ async fn tcp_rtt_of_a_loopback_connection_is_small() {
 async fn tcp_rtt_of_a_listener_is_zero_not_an_error() {
     let listener = bind_listener(addr("127.0.0.1:0"), false, 8).unwrap();
     assert_eq!(tcp_rtt(&listener).unwrap(), Duration::ZERO);
+}
+
+#[test]
+fn a_listener_group_shares_one_port_and_every_socket_accepts() {
+    let group = bind_listeners(addr("127.0.0.1:0"), false, 128, 3).unwrap();
+    assert_eq!(group.len(), 3);
+    let port = group[0].local_addr().unwrap().port();
+    assert_ne!(port, 0);
+    for l in &group {
+        assert_eq!(l.local_addr().unwrap().port(), port, "one port for all");
+        assert!(SockRef::from(l).reuse_port().unwrap());
+        assert!(is_cloexec(l));
+    }
+    // The kernel hashes connections over the group: from enough source
+    // ports, every socket gets some.
+    let clients: Vec<_> = (0..60)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut total = 0;
+    for l in &group {
+        let mut got = 0;
+        while l.accept().is_ok() {
+            got += 1;
+        }
+        assert!(got > 0, "a socket of the group accepted nothing");
+        total += got;
+    }
+    assert_eq!(total, clients.len());
+}
+
+#[test]
+fn a_group_of_one_is_a_plain_listener() {
+    let group = bind_listeners(addr("127.0.0.1:0"), false, 128, 1).unwrap();
+    assert_eq!(group.len(), 1);
+    assert!(!SockRef::from(&group[0]).reuse_port().unwrap());
+    // A second plain listener on its port is refused, as before.
+    let port = group[0].local_addr().unwrap().port();
+    let taken = bind_listener(SocketAddr::from(([127, 0, 0, 1], port)), false, 128);
+    assert_eq!(taken.unwrap_err().kind(), io::ErrorKind::AddrInUse);
 }

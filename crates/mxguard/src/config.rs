@@ -252,6 +252,9 @@ pub struct ListsConfig {
     pub watch_interval: Dur,
 }
 
+/// More session threads than this is a typo, not a machine.
+pub const MAX_WORKERS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Intercept {
@@ -262,6 +265,9 @@ pub struct Intercept {
     /// `tproxy` only: connect to the MTA from the client's own address.
     pub transparent_upstream: bool,
     pub upstream_connect_timeout: Dur,
+    /// Threads that accept and serve sessions, each with its own listening
+    /// socket per address (`SO_REUSEPORT`); 0: one per CPU.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -388,6 +394,7 @@ impl Default for Intercept {
             upstream: SocketAddr::from(([127, 0, 0, 1], 10025)),
             transparent_upstream: false,
             upstream_connect_timeout: Dur::secs(10),
+            workers: 0,
         }
     }
 }
@@ -745,6 +752,12 @@ impl Config {
             return bad(
                 "intercept.upstream_connect_timeout",
                 "must be more than 0s".into(),
+            );
+        }
+        if self.intercept.workers > MAX_WORKERS {
+            return bad(
+                "intercept.workers",
+                format!("at most {MAX_WORKERS} (0: one per CPU)"),
             );
         }
         if self.greet.banner_timeout.0.is_zero() {

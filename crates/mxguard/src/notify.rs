@@ -52,14 +52,93 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-/// Pings the watchdog from the runtime until shutdown: if the runtime
+/// Pings the watchdog until shutdown, as long as every session thread
+/// shows it is alive: if the main runtime or one of the session threads
 /// stops making progress, the pings stop and systemd restarts the guard.
-pub async fn watchdog(every: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn watchdog(
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    beats: std::sync::Arc<Heartbeats>,
+) {
     let mut tick = tokio::time::interval(every);
+    let mut last = beats.read();
+    let mut stuck_before = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => { notify("WATCHDOG=1"); }
+            _ = tick.tick() => {
+                let now = beats.read();
+                let stuck = stuck_threads(&last, &now);
+                if stuck.is_empty() {
+                    notify("WATCHDOG=1");
+                } else if !stuck_before {
+                    tracing::error!(
+                        "session thread(s) {stuck:?} made no progress for {:?}: no watchdog ping",
+                        every
+                    );
+                }
+                stuck_before = !stuck.is_empty();
+                last = now;
+            }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// One counter per session thread, bumped by a task on that thread.
+pub struct Heartbeats(Vec<std::sync::atomic::AtomicU64>);
+
+impl Heartbeats {
+    pub fn new(threads: usize) -> Self {
+        Self((0..threads).map(|_| Default::default()).collect())
+    }
+
+    /// Thread `index` is alive.
+    pub fn beat(&self, index: usize) {
+        if let Some(counter) = self.0.get(index) {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn read(&self) -> Vec<u64> {
+        self.0
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// How often a thread beats when pings go out `every`: several beats
+    /// per ping, so one late beat does not cost a ping.
+    pub fn period(every: Duration) -> Duration {
+        (every / 4).max(Duration::from_millis(10))
+    }
+}
+
+/// The threads whose counter did not move since the last ping.
+fn stuck_threads(last: &[u64], now: &[u64]) -> Vec<usize> {
+    last.iter()
+        .zip(now)
+        .enumerate()
+        .filter(|(_, (a, b))| a == b)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_whose_counter_stands_still_is_stuck() {
+        let beats = Heartbeats::new(3);
+        let before = beats.read();
+        beats.beat(0);
+        beats.beat(2);
+        beats.beat(7); // no such thread: ignored
+        assert_eq!(stuck_threads(&before, &beats.read()), vec![1]);
+        let before = beats.read();
+        for i in 0..3 {
+            beats.beat(i);
+        }
+        assert!(stuck_threads(&before, &beats.read()).is_empty());
     }
 }

@@ -281,9 +281,11 @@ async fn serve(inner: Arc<Inner>, mut fd: AsyncFd<Poll>) {
     }
 }
 
-/// The session goes on in a task of its own.
+/// The session goes on in a task of its own, on the thread that accepted
+/// it.
 fn resume(parked: Parked) {
-    tokio::spawn(async move {
+    let home = parked.home.clone();
+    home.spawn(async move {
         let shared = parked.shared.clone();
         crate::session::resume(parked).await;
         shared.session_ended();

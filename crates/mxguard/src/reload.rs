@@ -120,6 +120,10 @@ impl Shared {
                 old.intercept.listen != new.intercept.listen,
             ),
             ("intercept.mode", old.intercept.mode != new.intercept.mode),
+            (
+                "intercept.workers",
+                old.intercept.workers != new.intercept.workers,
+            ),
             ("admin.listen", old.admin.listen != new.admin.listen),
             ("log.format", old.log.format != new.log.format),
             ("log.level", old.log.level != new.log.level),
@@ -135,6 +139,7 @@ impl Shared {
         // listeners deliver it until a restart.
         new.intercept.mode = old.intercept.mode;
         new.intercept.listen = old.intercept.listen.clone();
+        new.intercept.workers = old.intercept.workers;
         if new.uses_quarantine() && self.quarantine.is_none() {
             let w = "quarantine is now an action but its store opens at start: restart to use it (until then such mail gets 451)";
             tracing::warn!("reload: {w}");

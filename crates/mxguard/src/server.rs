@@ -268,17 +268,27 @@ pub async fn run(
     config: Config,
 ) -> anyhow::Result<()> {
     raise_nofile_limit();
+    // Before anything listens: a SIGHUP sent as soon as the port answers
+    // must reload, not kill (its default action).
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let metrics = Metrics::new().context("cannot set up metrics")?;
 
     let transparent = config.intercept.mode == Mode::Tproxy;
-    let mut listeners = Vec::new();
+    let workers = worker_count(config.intercept.workers);
+    // listeners[w]: worker w's socket for each listen address.
+    let mut listeners: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut listen_addrs = Vec::new();
     for addr in &config.intercept.listen {
-        let std = mxguard_net::bind_listener(*addr, transparent, 4096)
+        let group = mxguard_net::bind_listeners(*addr, transparent, 4096, workers)
             .with_context(|| format!("cannot listen on {addr}"))?;
-        let listener = TcpListener::from_std(std)?;
-        listen_addrs.push(listener.local_addr()?);
-        listeners.push(listener);
+        if let Some(first) = group.first() {
+            listen_addrs.push(first.local_addr()?);
+        }
+        for (w, listener) in group.into_iter().enumerate() {
+            listeners[w].push(listener);
+        }
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -332,31 +342,33 @@ pub async fn run(
     }
 
     tracing::info!(
-        "mxguard {} listening on {} (mode {}, greet delay {}, pregreet action {}){}",
+        "mxguard {} listening on {} (mode {}, {} worker thread{}, greet delay {}, pregreet action {}){}",
         env!("CARGO_PKG_VERSION"),
         join(&listen_addrs),
         config.intercept.mode.as_str(),
+        workers,
+        if workers == 1 { "" } else { "s" },
         config.greet.delay,
         config.pregreet.action.as_str(),
         admin_bound.map_or_else(String::new, |a| format!(", admin on {a}")),
     );
 
-    for listener in listeners {
-        tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx.clone()));
+    let watchdog = crate::notify::watchdog_interval();
+    let beats = Arc::new(crate::notify::Heartbeats::new(workers));
+    for (w, sockets) in listeners.into_iter().enumerate() {
+        let beat = watchdog.map(|every| (beats.clone(), crate::notify::Heartbeats::period(every)));
+        start_worker(w, sockets, shared.clone(), shutdown_rx.clone(), beat)?;
     }
     tokio::spawn(purge_loop(shared.clone(), shutdown_rx.clone()));
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     // Every listener is bound and served: systemd may start what comes
     // after us (Type=notify).
     crate::notify::notify(&format!(
         "READY=1\nSTATUS=listening on {}",
         join(&listen_addrs)
     ));
-    if let Some(every) = crate::notify::watchdog_interval() {
-        tokio::spawn(crate::notify::watchdog(every, shutdown_rx.clone()));
+    if let Some(every) = watchdog {
+        tokio::spawn(crate::notify::watchdog(every, shutdown_rx.clone(), beats));
     }
     loop {
         tokio::select! {
@@ -396,6 +408,68 @@ fn join(addrs: &[SocketAddr]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Session threads: one per CPU unless the config says how many.
+fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Starts session thread `index`: a single-threaded runtime that accepts on
+/// its own sockets and runs every session it accepts to the end, so a
+/// session's I/O is driven and served on one thread, with no wake-up or
+/// work stealing across threads (the multi-threaded runtime spent ~15 % of
+/// the guard's CPU per small message on those: futex, eventfd, context
+/// switches; docs/benchmarks.md). The kernel spreads connections over the
+/// threads' sockets (`SO_REUSEPORT`). The daemon's own tasks (signals,
+/// admin API, holding pen, state, fleet) stay on the main runtime; a
+/// session back from the holding pen is spawned on the thread that
+/// accepted it. The thread runs until the process exits: after the drain,
+/// like the main runtime, it is simply stopped. With the systemd watchdog
+/// on, it beats a counter the watchdog's pings depend on.
+fn start_worker(
+    index: usize,
+    sockets: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    beat: Option<(Arc<crate::notify::Heartbeats>, Duration)>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a session thread's runtime")?;
+    // Registered with the thread's own runtime, before it starts, so that
+    // an error is the daemon's start-up error.
+    let listeners = {
+        let _entered = rt.enter();
+        sockets
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<std::io::Result<Vec<_>>>()?
+    };
+    std::thread::Builder::new()
+        .name(format!("mxguard-sess{index}"))
+        .spawn(move || {
+            rt.block_on(async move {
+                for listener in listeners {
+                    tokio::spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+                }
+                // Proof of life for the systemd watchdog.
+                if let Some((beats, period)) = beat {
+                    let mut tick = tokio::time::interval(period);
+                    loop {
+                        tick.tick().await;
+                        beats.beat(index);
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+        })
+        .context("cannot start a session thread")?;
+    Ok(())
 }
 
 async fn accept_loop(

@@ -148,6 +148,7 @@ pub async fn resume(parked: Parked) {
         known,
         tarpit,
         phase,
+        home: _,
     } = parked;
     let mut record = Record {
         live: shared.sessions.attach(session),
@@ -424,6 +425,7 @@ impl Parking<'_> {
             phase: self.phase,
             shared,
             runtime,
+            home: tokio::runtime::Handle::current(),
         }
     }
 }
@@ -450,6 +452,8 @@ pub struct Parked {
     known: bool,
     tarpit: bool,
     phase: PhaseGuard,
+    /// The session thread that accepted it, where it goes on.
+    pub(crate) home: tokio::runtime::Handle,
 }
 
 /// The greeting, then the watch or the relay, to the session's end.
