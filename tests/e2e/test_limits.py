@@ -65,3 +65,66 @@ def test_descriptor_exhaustion_backs_off_and_recovers(sink, make_guard):
     assert stored[-1].content == lf(msg.data)
     guard.assert_no_panic()
     assert guard.alive()
+
+
+def test_admin_listener_out_of_descriptors_backs_off_quietly_and_recovers(sink, make_guard):
+    # Long enough that the held sessions keep every descriptor for the test.
+    guard = make_guard(upstream=sink.addr, **{"greet.delay": "30s"})
+    subprocess.run(["prlimit", "--pid", str(guard.pid), f"--nofile={FD_LIMIT}:{FD_LIMIT}"], check=True)
+    host, _, port = guard.admin.rpartition(":")
+    admin = (host.strip("[]"), int(port))
+
+    held = []
+    for i in range(FD_LIMIT + 20):
+        s = socket.socket()
+        s.settimeout(5)
+        s.bind((f"127.0.0.{10 + i % 200}", 0))
+        s.connect(("127.0.0.1", guard.port))
+        held.append(s)
+    # Out of descriptors: the mail listener turns its overflow away.
+    turned_away = 0
+    for s in held[-10:]:
+        try:
+            turned_away += s.recv(200).startswith(b"421 ")
+        except socket.timeout:
+            pass
+    assert turned_away >= 5, "the guard never ran out of descriptors"
+
+    # Operators (or a monitoring system) knock on the admin port meanwhile:
+    # every accept fails with EMFILE while they wait in the backlog.
+    waiting = []
+    for _ in range(3):
+        s = socket.socket()
+        s.settimeout(15)
+        s.connect(admin)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: mxguard\r\nConnection: close\r\n\r\n")
+        waiting.append(s)
+
+    def admin_failure_lines() -> int:
+        return sum("admin accept failed" in line for line in guard.log_lines())
+
+    time.sleep(0.5)
+    lines_before = admin_failure_lines()
+    cpu_before = cpu_seconds(guard.pid)
+    time.sleep(2.0)
+    spent = cpu_seconds(guard.pid) - cpu_before
+    logged = admin_failure_lines() - lines_before
+    # The first of the burst is logged, not one line per failed accept.
+    assert logged <= 1, f"{logged} admin accept failures logged in 2s: flooding"
+    assert admin_failure_lines() >= 1, "the burst's first failure is logged"
+    assert spent < 1.0, f"{spent:.2f}s of CPU in 2s while out of descriptors: spinning"
+
+    # Descriptors come back: the waiting admin clients are served.
+    for s in held:
+        s.close()
+    for s in waiting:
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    wait_until(lambda: guard.metric("mxguard_sessions_active", phase="greet") == 0, 20,
+               "the held sessions ended")
+    assert guard.metric("mxguard_accept_errors_total", kind="emfile") > 0
+    guard.assert_no_panic()
+    assert guard.alive()
