@@ -283,6 +283,9 @@ struct Pending {
     /// Our own reply to this turn (the MTA never saw it): released when
     /// every earlier reply has gone, so replies stay in order.
     local: Option<Vec<u8>>,
+    /// A chunk's BDAT message (its number in the session): a failed chunk
+    /// ends its own message, not a later one already open.
+    message: u32,
 }
 
 impl Pending {
@@ -291,6 +294,7 @@ impl Pending {
             turn,
             arg: None,
             local: None,
+            message: 0,
         }
     }
 
@@ -359,6 +363,8 @@ pub struct TurnTracker {
     tagged: bool,
     /// A BDAT message is open (its first chunk went).
     in_bdat: bool,
+    /// BDAT messages forwarded so far (numbers [`Pending::message`]).
+    bdat_messages: u32,
     offered: Offered,
     disposition: Disposition,
     tarpit: Duration,
@@ -400,6 +406,7 @@ impl TurnTracker {
             diverting: false,
             tagged: false,
             in_bdat: false,
+            bdat_messages: 0,
             offered: Offered::default(),
             disposition: Disposition::Pass,
             tarpit: Duration::ZERO,
@@ -431,9 +438,8 @@ impl TurnTracker {
             let arg = envelope_address(&line);
             self.to_upstream.extend_from_slice(&line);
             self.pending.push_back(Pending {
-                turn: Turn::Command(Verb::Mail),
                 arg,
-                local: None,
+                ..Pending::of(Turn::Command(Verb::Mail))
             });
         }
         if !self.held.is_empty() && !self.waits_for_reply() {
@@ -468,9 +474,8 @@ impl TurnTracker {
     fn local_reply(&mut self, now: Instant, bytes: Vec<u8>, turn: Turn) {
         if self.upstream_owes() {
             self.pending.push_back(Pending {
-                turn,
-                arg: None,
                 local: Some(bytes),
+                ..Pending::of(turn)
             });
         } else {
             self.queue_reply(now, bytes, turn, false);
@@ -491,6 +496,9 @@ impl TurnTracker {
         }
     }
 
+    /// What happens to the mail from here on. A message already started
+    /// (its DATA or first BDAT forwarded, or being diverted) keeps its
+    /// fate: the change takes effect at the next message.
     pub fn set_disposition(&mut self, disposition: Disposition) {
         self.disposition = disposition;
     }
@@ -809,9 +817,8 @@ impl TurnTracker {
                     self.bdat(now, line);
                     return;
                 }
-                Verb::Rset | Verb::Ehlo | Verb::Helo | Verb::Lhlo | Verb::Quit => {
-                    self.abort_divert();
-                }
+                Verb::Rset | Verb::Quit => self.abort_divert(),
+                // EHLO ends the message only if the MTA takes it (its reply).
                 // The MTA's transaction stands at its recipients: DATA or
                 // another RCPT would find it open where the client's is not.
                 Verb::Data | Verb::Rcpt => {
@@ -828,8 +835,9 @@ impl TurnTracker {
             Verb::Ehlo | Verb::Helo | Verb::Lhlo => {
                 let name = line.get(5..).unwrap_or_default();
                 arg = Some(String::from_utf8_lossy(name).trim().to_string());
-                self.tagged = false;
-                self.in_bdat = false;
+                if !self.in_bdat {
+                    self.tagged = false;
+                }
             }
             Verb::Mail if self.cfg.hold_mail && !self.in_bdat => {
                 self.tagged = false;
@@ -862,6 +870,14 @@ impl TurnTracker {
                 );
                 return;
             }
+            // A message's fate is decided where it starts (DATA, or its
+            // first BDAT): the MTA holds this BDAT message's first chunks, so
+            // it ends there. A diverted DATA message beside it would leave it
+            // to our RSET. RFC 3030 §2: DATA does not mix with BDAT (503).
+            Verb::Data if self.in_bdat && self.disposition.diverts() => {
+                self.local_reply(now, BDAT_BUSY.to_vec(), Turn::Command(verb));
+                return;
+            }
             Verb::Data if self.disposition.diverts() => {
                 self.client = ClientState::AwaitReply(Turn::Command(Verb::Data));
                 self.diverting = true;
@@ -876,11 +892,17 @@ impl TurnTracker {
         }
         self.to_upstream.extend_from_slice(&line);
         self.pending.push_back(Pending {
-            turn: Turn::Command(verb),
             arg,
-            local: None,
+            ..Pending::of(Turn::Command(verb))
         });
         match verb {
+            // Inside a BDAT message, EHLO ends it only if the MTA takes it
+            // (a refused one, `501` to a bare EHLO, leaves the transaction
+            // as it was): what follows waits for its reply. EHLO ends a
+            // pipeline group (RFC 2920), so a polite client waits anyway.
+            Verb::Ehlo | Verb::Helo | Verb::Lhlo if self.in_bdat => {
+                self.client = ClientState::AwaitReply(Turn::Command(verb));
+            }
             Verb::Data => self.client = ClientState::AwaitReply(Turn::Command(Verb::Data)),
             Verb::Auth => self.client = ClientState::AwaitReply(Turn::Command(Verb::Auth)),
             Verb::StartTls => self.client = ClientState::AwaitTls,
@@ -922,7 +944,12 @@ impl TurnTracker {
                 .push_back(Pending::of(Turn::Command(Verb::Bdat)));
             return;
         };
-        if self.disposition.diverts() && !self.diverting {
+        // Only a new message is diverted: one whose first chunks the MTA
+        // holds ends at the MTA, as a DATA body in flight does when the
+        // disposition changes. Diverting the rest stored a fragment, and our
+        // RSET after it dropped the MTA's part of a message the client was
+        // told 250 for.
+        if self.disposition.diverts() && !self.diverting && !self.in_bdat {
             if self.upstream_owes() {
                 // Which recipients were accepted decides what this chunk
                 // means: wait for the MTA's replies, holding the line.
@@ -957,6 +984,9 @@ impl TurnTracker {
         }
         let first = !self.in_bdat;
         self.in_bdat = true;
+        if first {
+            self.bdat_messages += 1;
+        }
         let header = match &self.disposition {
             Disposition::Tag(header) if first && !self.tagged => Some(header.clone()),
             _ => None,
@@ -997,8 +1027,18 @@ impl TurnTracker {
         self.client = ClientState::Command;
     }
 
-    /// Drops a diverted message the client abandoned (RSET, EHLO, QUIT in
-    /// the middle of its chunks).
+    /// The MTA took an EHLO sent inside a BDAT message: the message is
+    /// gone there, and a diverted one is abandoned.
+    fn bdat_reset(&mut self) {
+        if self.diverting {
+            self.abort_divert();
+        }
+        self.in_bdat = false;
+        self.tagged = false;
+    }
+
+    /// Drops a diverted message the client abandoned (RSET, QUIT, an EHLO
+    /// the MTA took, in the middle of its chunks).
     fn abort_divert(&mut self) {
         self.diverting = false;
         self.in_bdat = false;
@@ -1009,7 +1049,10 @@ impl TurnTracker {
 
     fn forward_chunk_command(&mut self, line: &[u8], last: bool) {
         self.to_upstream.extend_from_slice(line);
-        self.pending.push_back(Pending::of(Turn::Chunk { last }));
+        self.pending.push_back(Pending {
+            message: self.bdat_messages,
+            ..Pending::of(Turn::Chunk { last })
+        });
     }
 
     fn chunk_bytes(&mut self, data: &[u8]) -> usize {
@@ -1086,6 +1129,18 @@ impl TurnTracker {
         let positive = (200..400).contains(&code);
         let mut bytes = raw;
         let mut then_blind = false;
+        let greeting = |t: Turn| matches!(t, Turn::Command(Verb::Ehlo | Verb::Helo | Verb::Lhlo));
+        // The reply to the EHLO sent inside a BDAT message (the last one
+        // owed: an earlier, pipelined one answers nothing about it).
+        if greeting(pending.turn)
+            && !self.pending.iter().any(|p| greeting(p.turn))
+            && matches!(self.client, ClientState::AwaitReply(t) if t == pending.turn)
+        {
+            self.client = ClientState::Command;
+            if positive {
+                self.bdat_reset();
+            }
+        }
         match pending.turn {
             Turn::InternalRset => {
                 // Our RSET after a diverted message: not the client's.
@@ -1129,7 +1184,9 @@ impl TurnTracker {
                 self.envelope.rcpt_to.clear();
             }
             // RFC 3030 §2: after a failed chunk the transaction is over.
-            Turn::Chunk { .. } if !positive => {
+            // The `554` to the end of an earlier message may come in once
+            // the client opened the next: that one stays open.
+            Turn::Chunk { .. } if !positive && pending.message == self.bdat_messages => {
                 self.in_bdat = false;
                 self.tagged = false;
             }

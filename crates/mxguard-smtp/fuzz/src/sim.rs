@@ -162,6 +162,9 @@ pub enum Op {
     Wait(u64),
     /// The daemon applies its policy to a violation, then reads on.
     Proceed(Disp),
+    /// The disposition changes at any instant, paused or not (the daemon
+    /// changes it only at a violation; the tracker must not care when).
+    Policy(Disp),
     /// The daemon stored (or failed to store) a diverted message.
     DivertDone(bool),
 }
@@ -179,6 +182,7 @@ impl std::fmt::Debug for Op {
             Op::ClientWrite(n) => write!(f, "ClientWrite({n})"),
             Op::Wait(ms) => write!(f, "Wait({ms})"),
             Op::Proceed(d) => write!(f, "Proceed(Disp::{d:?})"),
+            Op::Policy(d) => write!(f, "Policy(Disp::{d:?})"),
             Op::DivertDone(ok) => write!(f, "DivertDone({ok})"),
         }
     }
@@ -869,6 +873,7 @@ impl Sim {
                     self.t.proceed(self.now);
                 }
             }
+            Op::Policy(d) => self.set_disposition(*d),
             Op::DivertDone(ok) => self.divert_done(*ok),
         }
         self.poll();
@@ -950,6 +955,12 @@ impl Sim {
                 match &e {
                     Event::DivertStarted => self.diverting = true,
                     Event::DivertFinished => self.divert_owed = true,
+                    // The client abandoned it (RSET, EHLO, QUIT between its
+                    // chunks): the daemon drops what it stored.
+                    Event::DivertAborted => {
+                        self.diverting = false;
+                        self.current_divert.clear();
+                    }
                     Event::Violation(Violation::Smuggling(_))
                         if self.setup.smuggling == SmugglingPolicy::Reject =>
                     {
@@ -1057,6 +1068,17 @@ impl Sim {
         if self.checks.disposition {
             self.check_divert();
         }
+        // A message the MTA holds is finished there or aborted before the
+        // guard diverts anything: else the quarantine stores the rest of a
+        // message whose start the MTA then drops at our RSET, and the client
+        // is told 250 for it.
+        if self.checks.agreement && !self.over && self.diverting {
+            assert!(
+                !self.mta_holds_mail(),
+                "the guard diverts a message while the MTA holds one open (MTA: {:?})",
+                self.mta.mode
+            );
+        }
         if self.checks.agreement
             && !self.over
             && !self.stopped
@@ -1082,6 +1104,17 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// The MTA holds a message it would deliver, or will once it has read
+    /// what the guard already wrote for it: inside a DATA body or a chunk,
+    /// or between the chunks of a BDAT message with a recipient.
+    fn mta_holds_mail(&self) -> bool {
+        let mut mta = self.mta.clone();
+        let mut ids = self.next_id;
+        mta.feed(self.t.upstream_output(), &mut Vec::new(), &mut ids);
+        matches!(mta.mode, MtaMode::Body | MtaMode::Chunk { .. })
+            || mta.bdat_open.is_some_and(|i| mta.bodies[i].accepted)
     }
 
     fn check_bounds(&self) {
