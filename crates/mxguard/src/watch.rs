@@ -126,7 +126,6 @@ pub async fn watch(
     }
 
     let idle = config.relay.idle_timeout.0;
-    let mut buf = vec![0u8; 16 * 1024];
     let mut client_eof = false;
     let mut upstream_eof = false;
     let mut upstream_shut = false;
@@ -187,13 +186,14 @@ pub async fn watch(
         tokio::select! {
             ready = client.ready(Interest::READABLE), if read_client => {
                 let Ok(ready) = ready else { client_eof = true; continue; };
-                match read_turn(client, &mut buf, ready.is_read_closed()) {
+                let tracker = &mut w.tracker;
+                let read = read_turn(client, ready.is_read_closed(), |bytes| {
+                    last_activity = Instant::now();
+                    tracker.on_client(last_activity.into_std(), bytes);
+                });
+                match read {
                     Ok(0) => client_eof = true,
-                    Ok(n) => {
-                        last_activity = Instant::now();
-                        w.record.bytes_up += n as u64;
-                        w.tracker.on_client(last_activity.into_std(), &buf[..n]);
-                    }
+                    Ok(n) => w.record.bytes_up += n as u64,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(_) => {
                         w.record.end = "client-reset";
@@ -203,11 +203,16 @@ pub async fn watch(
             }
             ready = upstream.ready(Interest::READABLE), if !upstream_eof => {
                 let Ok(ready) = ready else { upstream_eof = true; continue; };
-                match read_turn(upstream, &mut buf, ready.is_read_closed()) {
+                let tracker = &mut w.tracker;
+                let mut garbage = false;
+                let read = read_turn(upstream, ready.is_read_closed(), |bytes| {
+                    last_activity = Instant::now();
+                    garbage = tracker.on_upstream(last_activity.into_std(), bytes).is_err();
+                });
+                match read {
                     Ok(0) => upstream_eof = true,
-                    Ok(n) => {
-                        last_activity = Instant::now();
-                        if w.tracker.on_upstream(last_activity.into_std(), &buf[..n]).is_err() {
+                    Ok(_) => {
+                        if garbage {
                             return w.upstream_garbage(client).await;
                         }
                     }
@@ -242,29 +247,64 @@ pub async fn watch(
     }
 }
 
-/// Reads what the socket holds. A read shorter than the buffer took all a
-/// TCP socket had, so its readiness is cleared now rather than by the
-/// EAGAIN of one more read (a syscall saved per turn each way); bytes or a
-/// FIN arriving later raise a new edge, and tokio keeps readiness that came
-/// after the one observed. Not when the peer's FIN was already seen
-/// (`closing`): that edge is not raised again.
-fn read_turn(stream: &TcpStream, buf: &mut [u8], closing: bool) -> io::Result<usize> {
-    if closing {
-        return stream.try_read(buf);
-    }
-    let mut short = None;
-    let result = stream.try_io(Interest::READABLE, || {
-        let n = (&*SockRef::from(stream)).read(buf)?;
-        if n > 0 && n < buf.len() {
-            short = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
+/// Bytes asked of one read: more than an SMTP turn, so that a read that
+/// comes back short took all the socket had.
+const READ_BUFFER: usize = 16 * 1024;
+
+thread_local! {
+    /// The read buffer of every watched session on this thread. A read's
+    /// bytes are handed to the tracker, which keeps what it must, before
+    /// anything else runs on the thread; so a session needs no buffer of
+    /// its own (it was 16 KiB of every watched session's memory, allocated
+    /// and zeroed for each one).
+    static READ_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; READ_BUFFER].into_boxed_slice());
+}
+
+/// Reads what the socket holds into the thread's buffer and hands the
+/// bytes (if any) to `take`; returns their count (0: end of stream).
+///
+/// A read shorter than the buffer took all a TCP socket had, so its
+/// readiness is cleared now rather than by the EAGAIN of one more read (a
+/// syscall saved per turn each way); bytes or a FIN arriving later raise a
+/// new edge, and tokio keeps readiness that came after the one observed.
+/// Not when the peer's FIN was already seen (`closing`): that edge is not
+/// raised again.
+fn read_turn(stream: &TcpStream, closing: bool, take: impl FnOnce(&[u8])) -> io::Result<usize> {
+    READ_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => read_turn_into(stream, closing, &mut buf, take),
+        // Never nested; if it were, a buffer of its own rather than a panic.
+        Err(_) => read_turn_into(stream, closing, &mut vec![0u8; READ_BUFFER], take),
+    })
+}
+
+fn read_turn_into(
+    stream: &TcpStream,
+    closing: bool,
+    buf: &mut [u8],
+    take: impl FnOnce(&[u8]),
+) -> io::Result<usize> {
+    let n = if closing {
+        stream.try_read(buf)?
+    } else {
+        let mut short = None;
+        let result = stream.try_io(Interest::READABLE, || {
+            let n = (&*SockRef::from(stream)).read(buf)?;
+            if n > 0 && n < buf.len() {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (result, short) {
+            (Err(_), Some(n)) => n,
+            (result, _) => result?,
         }
-        Ok(n)
-    });
-    match (result, short) {
-        (Err(_), Some(n)) => Ok(n),
-        (result, _) => result,
+    };
+    if n > 0 {
+        take(&buf[..n]);
     }
+    Ok(n)
 }
 
 /// Writes pending output both ways without blocking. Returns whether any
