@@ -150,7 +150,13 @@ def test_block_lookup_and_unblock_decide_what_a_client_gets(sink, make_guard, wo
     sink.wait_messages(1)
 
     m = guard.metrics()
+    lookups = {k: v for k, v in m.items() if k.startswith("mxguard_blocklist_lookups_total")}
+    # One look-up per connection, under the documented labels only (a
+    # second count as hit/miss once doubled every look-up).
+    assert set(lookups) == {f'mxguard_blocklist_lookups_total{{result="{r}"}}'
+                            for r in ("blocked", "allowed", "unlisted")}, lookups
     assert m['mxguard_blocklist_lookups_total{result="blocked"}'] >= 1
+    assert sum(lookups.values()) == m["mxguard_connections_accepted_total"], (lookups, m)
     assert m['mxguard_blocklist_entries{source="dynamic"}'] == 1
 
 

@@ -239,17 +239,8 @@ impl AdmissionControl {
 
     /// Decides on a new connection from `ip`.
     pub async fn admit<'a>(&'a self, shared: &Shared, runtime: &Runtime, ip: IpAddr) -> Gate<'a> {
+        // Counted by `listed` (`result` blocked/allowed/unlisted).
         let listed = shared.listed(ip);
-        let lookup = if listed == Some(ListKind::Block) {
-            "hit"
-        } else {
-            "miss"
-        };
-        shared
-            .metrics
-            .blocklist_lookups
-            .with_label_values(&[lookup])
-            .inc();
         match listed {
             Some(ListKind::Allow) => {
                 self.metrics

@@ -29,9 +29,6 @@ pub struct Metrics {
     /// `dynamic` (detections, the admin API, the cluster).
     pub blocklist_entries: IntGaugeVec,
     pub allowlist_entries: IntGaugeVec,
-    /// List lookups at admission, by result (`blocked`, `allowed`,
-    /// `unlisted`).
-    pub blocklist_lookups: IntCounterVec,
     pub accept_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_successful: IntGauge,
@@ -43,6 +40,21 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     pub event_log_lines: IntCounterVec,
     pub event_log_dropped: IntCounter,
+    /// The series every session touches, resolved once: a label look-up
+    /// hashes the labels and takes the family's lock on every call.
+    hot: Hot,
+}
+
+/// Pre-resolved handles of the per-session series.
+struct Hot {
+    /// By `Verdict::ALL` position: finished connections, their duration.
+    verdicts: Vec<(IntCounter, Histogram)>,
+    /// By `Phase::ALL` position.
+    phases: Vec<IntGauge>,
+    greeted: Histogram,
+    /// List look-ups at admission (`mxguard_blocklist_lookups_total`):
+    /// `blocked`, `allowed`, `unlisted`.
+    lookups: [IntCounter; 3],
 }
 
 /// The phases a live session can be in, as the gauge counts them:
@@ -285,7 +297,27 @@ impl Metrics {
             event_log_lines.with_label_values(&[kind]);
         }
 
+        let hot = Hot {
+            verdicts: Verdict::ALL
+                .iter()
+                .map(|v| {
+                    (
+                        connections.with_label_values(&[v.as_str()]),
+                        session_duration_seconds.with_label_values(&[v.as_str()]),
+                    )
+                })
+                .collect(),
+            phases: Phase::ALL
+                .iter()
+                .map(|p| sessions_active.with_label_values(&[p.as_str()]))
+                .collect(),
+            greeted: greet_held_seconds.with_label_values(&["greeted"]),
+            lookups: ["blocked", "allowed", "unlisted"]
+                .map(|result| blocklist_lookups.with_label_values(&[result])),
+        };
+
         Ok(Self {
+            hot,
             registry,
             connections_accepted,
             connections,
@@ -298,7 +330,7 @@ impl Metrics {
             greet_held_seconds,
             blocklist_entries,
             allowlist_entries,
-            blocklist_lookups,
+
             accept_errors,
             config_reloads,
             config_last_reload_successful,
@@ -315,9 +347,47 @@ impl Metrics {
 
     /// Counts a session in `phase` for as long as the guard lives.
     pub fn enter(&self, phase: Phase) -> PhaseGuard {
-        let gauge = self.sessions_active.with_label_values(&[phase.as_str()]);
+        let gauge = match Phase::ALL.iter().position(|p| *p == phase) {
+            Some(i) => self.hot.phases[i].clone(),
+            None => self.sessions_active.with_label_values(&[phase.as_str()]),
+        };
         gauge.inc();
         PhaseGuard { gauge }
+    }
+
+    /// A session ended with `verdict` after `seconds`.
+    pub fn session_finished(&self, verdict: Verdict, seconds: f64) {
+        match Verdict::ALL.iter().position(|v| *v == verdict) {
+            Some(i) => {
+                let (count, duration) = &self.hot.verdicts[i];
+                count.inc();
+                duration.observe(seconds);
+            }
+            None => {
+                self.connections
+                    .with_label_values(&[verdict.as_str()])
+                    .inc();
+                self.session_duration_seconds
+                    .with_label_values(&[verdict.as_str()])
+                    .observe(seconds);
+            }
+        }
+    }
+
+    /// A greeting went out after the client was held `seconds`.
+    pub fn greeted(&self, seconds: f64) {
+        self.hot.greeted.observe(seconds);
+    }
+
+    /// A list look-up at admission: `Some(true)` blocked, `Some(false)`
+    /// allowed, `None` on no list.
+    pub fn list_lookup(&self, blocked: Option<bool>) {
+        let i = match blocked {
+            Some(true) => 0,
+            Some(false) => 1,
+            None => 2,
+        };
+        self.hot.lookups[i].inc();
     }
 
     /// Records a config load's result (start, SIGHUP, the admin API).

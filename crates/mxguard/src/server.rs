@@ -118,15 +118,8 @@ impl Shared {
     /// What the allow/block lists say about `ip`: lock-free.
     pub fn listed(&self, ip: IpAddr) -> Option<ListKind> {
         let listed = self.lists.classify_kind(ip);
-        let result = match listed {
-            Some(ListKind::Block) => "blocked",
-            Some(ListKind::Allow) => "allowed",
-            None => "unlisted",
-        };
         self.metrics
-            .blocklist_lookups
-            .with_label_values(&[result])
-            .inc();
+            .list_lookup(listed.map(|k| k == ListKind::Block));
         listed
     }
 

@@ -196,17 +196,10 @@ fn finish(shared: &Shared, runtime: &Runtime, record: Record<'_>, started: Insta
         shared.remember_pass(peer.ip(), runtime.config.pass_cache.ttl.0);
     }
 
-    shared
-        .metrics
-        .connections
-        .with_label_values(&[record.verdict.as_str()])
-        .inc();
     let elapsed = started.elapsed();
     shared
         .metrics
-        .session_duration_seconds
-        .with_label_values(&[record.verdict.as_str()])
-        .observe(elapsed.as_secs_f64());
+        .session_finished(record.verdict, elapsed.as_secs_f64());
     if shared.events.enabled() {
         shared.events.verdict(&crate::events::VerdictEvent {
             verdict: record.verdict.as_str(),
@@ -932,11 +925,7 @@ async fn greet(
         return GreetEnd::Over(upstream.quit_later());
     }
 
-    shared
-        .metrics
-        .greet_held_seconds
-        .with_label_values(&["greeted"])
-        .observe(started.elapsed().as_secs_f64());
+    shared.metrics.greeted(started.elapsed().as_secs_f64());
     let (stream, banner, rest) = match upstream {
         Upstream::Ready {
             stream,
