@@ -7,6 +7,8 @@
 //! keeps the pending deadlines in a heap and one `timerfd` armed (to the
 //! nanosecond) at the earliest: a wait costs a heap entry and a oneshot
 //! channel, and ends within the scheduler's wake-up time of its deadline.
+//! Each session thread has its own (`sleep_until`), so the wake-up never
+//! crosses threads.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -16,7 +18,28 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-/// The daemon's fine deadlines. Started with the holding pen.
+thread_local! {
+    /// The deadlines of the sessions on this thread: each session thread
+    /// has its own timer in its own event loop, so the end of a delay
+    /// wakes the session where it runs, without waiting for another
+    /// thread to be scheduled first.
+    static LOCAL: Arc<Deadlines> = Arc::new(Deadlines::default());
+}
+
+/// Opens this thread's timer and starts its task (on the thread's
+/// runtime); a session thread does it when it starts, so its descriptor
+/// is there from the start rather than from the first delayed session.
+pub fn start_local() {
+    LOCAL.with(|d| d.start());
+}
+
+/// [`Deadlines::sleep_until`] on this thread's deadlines.
+pub async fn sleep_until(at: Instant) {
+    let deadlines = LOCAL.with(Arc::clone);
+    deadlines.sleep_until(at).await;
+}
+
+/// A set of fine deadlines served by one task and one timer.
 #[derive(Default)]
 pub struct Deadlines {
     inner: OnceLock<Option<Arc<Inner>>>,

@@ -47,9 +47,6 @@ const EVENTS: usize = 1024;
 #[derive(Default)]
 pub struct Pen {
     inner: OnceLock<Option<Arc<Inner>>>,
-    /// The end of the greet delay, kept to the nanosecond rather than to
-    /// tokio's millisecond (`deadline`).
-    pub deadlines: crate::deadline::Deadlines,
 }
 
 struct Inner {
@@ -95,7 +92,6 @@ impl Pen {
     /// rest where they started once the sessions are gone.
     pub fn start(&self) {
         let _ = self.inner();
-        self.deadlines.start();
     }
 
     /// Sessions in the pen now.

@@ -447,6 +447,8 @@ fn start_worker(
         .name(format!("mxguard-sess{index}"))
         .spawn(move || {
             rt.block_on(async move {
+                // The end of the greet delay, on this thread's own timer.
+                crate::deadline::start_local();
                 for listener in listeners {
                     tokio::spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
                 }

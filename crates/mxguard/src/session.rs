@@ -831,7 +831,7 @@ async fn greet(
                 // Only a wake-up still ahead: once the delay is over and the
                 // upstream still connecting or greeting, the loop waits for it
                 // (a past deadline here used to spin the loop until then).
-                () = shared.pen.deadlines.sleep_until(wake), if wake > now => continue,
+                () = crate::deadline::sleep_until(wake), if wake > now => continue,
             }
         };
         match read {
