@@ -245,7 +245,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::pipe::tests::set_cramped;
+    use super::pipe::tests::{grown_here, set_cramped};
     use super::*;
 
     /// Two loopback connections: (client app, guard's client side) and
@@ -331,8 +331,9 @@ mod tests {
         );
     }
 
-    /// A bulk transfer grows its pump's pipe (where the kernel allows it),
-    /// and the big pipe waits in the pool afterwards, empty.
+    /// A bulk transfer grows its pump's pipe once it has moved a MiB
+    /// (where the kernel allows it), and the big pipe waits in the pool
+    /// afterwards, empty.
     #[tokio::test(flavor = "current_thread")]
     async fn a_bulk_transfer_grows_its_pipe_and_gives_it_back() {
         let mail = pattern(3, 8 << 20);
@@ -341,7 +342,19 @@ mod tests {
         assert_eq!(client_got, b"250 ok\r\n");
         assert_eq!(stats.up, mail.len() as u64);
         if !pipe::big_pipes_refused() {
+            assert!(grown_here() >= 1, "an 8 MiB transfer kept a default pipe");
             assert!(pipe::big_spares() >= 1, "no big pipe came back to the pool");
         }
+    }
+
+    /// Mail under a MiB, the common case, never takes a big pipe from the
+    /// budget.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_under_a_mib_keeps_a_default_pipe() {
+        let mail = pattern(4, 900 << 10);
+        let (mta_got, _, stats) = exchange(&mail, b"250 ok\r\n").await;
+        assert!(mta_got == mail, "the MTA got different bytes");
+        assert_eq!(stats.up, mail.len() as u64);
+        assert_eq!(grown_here(), 0);
     }
 }

@@ -9,9 +9,9 @@
 //!
 //! Big pipes. A default pipe holds 16 pages (64 KiB): a bulk transfer then
 //! costs two splice calls, a TCP push and a wake-up of the receiver per
-//! 64 KiB. A pump that has seen a full chunk grows its pipe to
-//! [`BIG_PIPE`] (`F_SETPIPE_SZ`), which cuts those per-chunk costs by the
-//! ratio of the sizes. Pipe pages are accounted per user: once a user's
+//! 64 KiB. A pump that has moved a MiB and still fills half its pipe per
+//! read grows its pipe to [`BIG_PIPE`] (`F_SETPIPE_SZ`), which cuts those
+//! per-chunk costs by the ratio of the sizes. Pipe pages are accounted per user: once a user's
 //! pipes hold more than `/proc/sys/fs/pipe-user-pages-soft` pages (16,384 by
 //! default), an unprivileged user's *new* pipes get 2 pages instead of 16,
 //! which would shrink every other session's pipe. So big pipes have a budget
@@ -119,6 +119,8 @@ impl Pipe {
         debug_assert!(self.is_drained(), "pipe grown while holding bytes");
         if let Some(big) = lock(&BIG_SPARE).pop() {
             std::mem::replace(self, big).give_back();
+            #[cfg(test)]
+            tests::count_grown();
             return;
         }
         if !reserve_big() {
@@ -128,6 +130,8 @@ impl Pipe {
             Ok(n) => {
                 self.capacity = usize::try_from(n).unwrap_or(BIG_PIPE);
                 self.big = true;
+                #[cfg(test)]
+                tests::count_grown();
             }
             Err(e) => {
                 BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
@@ -256,6 +260,17 @@ pub(crate) mod tests {
         /// This thread's pipes are as a user over `pipe-user-pages-soft`
         /// gets them: one page, never grown (the kernel's refusal).
         static CRAMPED: Cell<bool> = const { Cell::new(false) };
+        /// Pipes this thread made big.
+        static GROWN: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Pipes made big on this thread so far.
+    pub(crate) fn grown_here() -> usize {
+        GROWN.get()
+    }
+
+    pub(super) fn count_grown() {
+        GROWN.set(GROWN.get() + 1);
     }
 
     /// From now on, this thread's pipes are cramped (or not).
