@@ -82,7 +82,7 @@ pub const CLIENT_TOKENS: &[&[u8]] = &[
     b"\r\n.\r\n",
 ];
 
-/// Upstream reply tokens for the chaos upstream; `#` becomes `#<id>`.
+/// Upstream reply tokens for the chaos upstream; `#` becomes `#<id>;`.
 pub const REPLY_TOKENS: &[&[u8]] = &[
     b"250 ok #\r\n",
     b"250-x #\r\n250 PIPELINING\r\n",
@@ -150,7 +150,7 @@ pub enum Op {
     Send(Vec<u8>),
     /// The guard reads up to this many client bytes, if it wants input.
     ClientRead(usize),
-    /// The chaos upstream sends these bytes (`#` becomes `#<id>`).
+    /// The chaos upstream sends these bytes (`#` becomes `#<id>;`).
     Reply(Vec<u8>),
     /// The guard reads up to this many upstream bytes.
     UpstreamRead(usize),
@@ -898,6 +898,9 @@ impl Sim {
             if b == b'#' {
                 self.next_id += 1;
                 bytes.extend_from_slice(self.next_id.to_string().as_bytes());
+                // Ends the id: a token that follows with digits (`250...`)
+                // must not run into it (`#1` + `250` read as `#1250`).
+                bytes.push(b';');
             }
         }
         self.upstream_pipe.extend_from_slice(&bytes);
