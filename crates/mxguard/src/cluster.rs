@@ -81,6 +81,12 @@ pub struct Cluster {
     metrics: AdmissionMetrics,
     pending: Mutex<VecDeque<ListMessage>>,
     wake: tokio::sync::Notify,
+    /// The daemon's main runtime. Admission asks the fleet from the
+    /// session threads, but the connection manager spawns its reconnects
+    /// on the runtime of whoever called when the link broke: the calls
+    /// run here, so the connection never moves onto a session thread (one
+    /// busy session thread would then hold up every thread's admission).
+    home: Option<tokio::runtime::Handle>,
 }
 
 impl Cluster {
@@ -113,6 +119,7 @@ impl Cluster {
             metrics,
             pending: Mutex::new(VecDeque::new()),
             wake: tokio::sync::Notify::new(),
+            home: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -149,19 +156,46 @@ impl Cluster {
                 scopes.push((Scope::Prefix(p.length), key, p.quota));
             }
         }
-        let mut invocation = self.script.prepare_invoke();
-        for (scope, key, quota) in &scopes {
-            invocation.key(format!("{}:b:{scope}:{key}", self.prefix));
-            let interval_us = u64::try_from(quota.interval().as_micros()).unwrap_or(u64::MAX);
-            invocation.arg(interval_us.max(1)).arg(quota.burst());
-        }
-        let started = Instant::now();
+        let args: Vec<(String, u64, u32)> = scopes
+            .iter()
+            .map(|(scope, key, quota)| {
+                let interval_us = u64::try_from(quota.interval().as_micros()).unwrap_or(u64::MAX);
+                (
+                    format!("{}:b:{scope}:{key}", self.prefix),
+                    interval_us.max(1),
+                    quota.burst(),
+                )
+            })
+            .collect();
+        let script = self.script.clone();
         let mut conn = self.conn.clone();
-        let answer = tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async::<(u64, u64)>(&mut conn),
-        )
-        .await;
+        let call = async move {
+            let mut invocation = script.prepare_invoke();
+            for (key, interval_us, burst) in &args {
+                invocation.key(key).arg(*interval_us).arg(*burst);
+            }
+            invocation.invoke_async::<(u64, u64)>(&mut conn).await
+        };
+        let started = Instant::now();
+        let answer = match &self.home {
+            Some(home) => {
+                let mut task = home.spawn(call);
+                let answer = tokio::time::timeout(self.timeout, &mut task).await;
+                if answer.is_err() {
+                    task.abort();
+                }
+                answer.map(|joined| {
+                    joined.unwrap_or_else(|e| {
+                        Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "fleet call ended",
+                            e.to_string(),
+                        )))
+                    })
+                })
+            }
+            None => tokio::time::timeout(self.timeout, call).await,
+        };
         metrics
             .cluster_seconds
             .with_label_values(&["admit"])

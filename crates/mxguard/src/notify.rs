@@ -60,7 +60,13 @@ pub async fn watchdog(
     mut shutdown: watch::Receiver<bool>,
     beats: std::sync::Arc<Heartbeats>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    // The first look a whole period after the start (a tick at once would
+    // find no beat yet and call every thread stuck); a late tick is not
+    // made up for with a burst.
+    let start = tokio::time::Instant::now() + every;
+    let mut tick = tokio::time::interval_at(start, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    notify("WATCHDOG=1");
     let mut last = beats.read();
     let mut stuck_before = false;
     loop {

@@ -443,14 +443,22 @@ fn start_worker(
             .map(TcpListener::from_std)
             .collect::<std::io::Result<Vec<_>>>()?
     };
+    let spares: Vec<Spare> = listeners.iter().map(|_| Spare::open()).collect();
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name(format!("mxguard-sess{index}"))
         .spawn(move || {
             rt.block_on(async move {
                 // The end of the greet delay, on this thread's own timer.
                 crate::deadline::start_local();
-                for listener in listeners {
-                    tokio::spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+                let _ = started_tx.send(());
+                for (listener, spare) in listeners.into_iter().zip(spares) {
+                    tokio::spawn(accept_loop(
+                        listener,
+                        spare,
+                        shared.clone(),
+                        shutdown.clone(),
+                    ));
                 }
                 // Proof of life for the systemd watchdog.
                 if let Some((beats, period)) = beat {
@@ -464,15 +472,20 @@ fn start_worker(
             });
         })
         .context("cannot start a session thread")?;
+    // Its timer and spares are open before the daemon says it is ready,
+    // so the descriptor count is settled from then on.
+    started_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("session thread {index} did not start"))?;
     Ok(())
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    mut spare: Spare,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut spare = Spare::open();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -199,20 +199,39 @@ impl StateStore {
 
     /// Flushes appended detections to disk (the flush task, every
     /// `flush_interval`).
+    ///
+    /// The fsync runs without the log's lock: detections are appended from
+    /// the session threads, which must not wait for a disk (a slow fsync
+    /// held under the lock stalled every session of a thread that made a
+    /// detection meanwhile). Lines appended during the fsync mark the log
+    /// dirty again and go with the next flush.
     pub fn flush(&self) {
-        let mut log = self.log.lock();
-        if !log.dirty {
-            return;
-        }
-        match log.file.sync_data() {
+        let file = {
+            let mut log = self.log.lock();
+            if !log.dirty {
+                return;
+            }
+            match log.file.try_clone() {
+                Ok(file) => {
+                    log.dirty = false;
+                    file
+                }
+                Err(e) => {
+                    self.metrics.state_errors.inc();
+                    tracing::error!("state: cannot flush {}: {e}", self.dir.join(LOG).display());
+                    return;
+                }
+            }
+        };
+        match file.sync_data() {
             Ok(()) => {
-                log.dirty = false;
                 self.metrics
                     .state_writes
                     .with_label_values(&["flush"])
                     .inc();
             }
             Err(e) => {
+                self.log.lock().dirty = true;
                 self.metrics.state_errors.inc();
                 tracing::error!("state: cannot flush {}: {e}", self.dir.join(LOG).display());
             }
