@@ -275,6 +275,8 @@ def test_stats_and_readiness(sink, make_guard, workdir):
 
     status, ready, _ = call(guard, "GET", "/readyz")
     assert status == 200 and ready["ready"] is True and ready["checks"]["upstream"]["ok"] is True
+    threads = ready["checks"]["session_threads"]
+    assert threads["ok"] is True and "session thread(s)" in threads["detail"], threads
     sink.stop()
     status, ready, _ = call(guard, "GET", "/readyz")
     assert status == 503 and ready["ready"] is False

@@ -104,7 +104,15 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(&loaded.log);
+            // The daemon's own tasks (signals, admin API, holding pen,
+            // state, fleet): sessions run on the session threads
+            // (`intercept.workers`), so two threads are plenty here.
+            let main_threads = std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(2);
             let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(main_threads)
+                .thread_name("mxguard-main")
                 .enable_all()
                 .build()
             {

@@ -60,20 +60,17 @@ pub async fn watchdog(
     mut shutdown: watch::Receiver<bool>,
     beats: std::sync::Arc<Heartbeats>,
 ) {
-    // The first look a whole period after the start (a tick at once would
-    // find no beat yet and call every thread stuck); a late tick is not
+    // The first look a whole period after the start; a late tick is not
     // made up for with a burst.
     let start = tokio::time::Instant::now() + every;
     let mut tick = tokio::time::interval_at(start, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     notify("WATCHDOG=1");
-    let mut last = beats.read();
     let mut stuck_before = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let now = beats.read();
-                let stuck = stuck_threads(&last, &now);
+                let stuck = beats.stalled(every);
                 if stuck.is_empty() {
                     notify("WATCHDOG=1");
                 } else if !stuck_before {
@@ -83,48 +80,74 @@ pub async fn watchdog(
                     );
                 }
                 stuck_before = !stuck.is_empty();
-                last = now;
             }
             _ = shutdown.changed() => return,
         }
     }
 }
 
-/// One counter per session thread, bumped by a task on that thread.
-pub struct Heartbeats(Vec<std::sync::atomic::AtomicU64>);
+/// When each session thread last showed it was alive: a task on the
+/// thread beats every [`Heartbeats::period`]. Read by the systemd
+/// watchdog and by `/readyz`.
+pub struct Heartbeats {
+    base: tokio::time::Instant,
+    /// Milliseconds after `base` of each thread's last beat.
+    last: Vec<std::sync::atomic::AtomicU64>,
+}
 
 impl Heartbeats {
+    /// Beats of `threads` threads, all counted as just now.
     pub fn new(threads: usize) -> Self {
-        Self((0..threads).map(|_| Default::default()).collect())
+        Self {
+            base: tokio::time::Instant::now(),
+            last: (0..threads).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Thread `index` is alive.
     pub fn beat(&self, index: usize) {
-        if let Some(counter) = self.0.get(index) {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(last) = self.last.get(index) {
+            last.store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
-    fn read(&self) -> Vec<u64> {
-        self.0
+    /// How long ago each thread beat.
+    pub fn ages(&self) -> Vec<Duration> {
+        let now = self.now_ms();
+        self.last
             .iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|l| {
+                Duration::from_millis(
+                    now.saturating_sub(l.load(std::sync::atomic::Ordering::Relaxed)),
+                )
+            })
             .collect()
     }
 
-    /// How often a thread beats when pings go out `every`: several beats
-    /// per ping, so one late beat does not cost a ping.
-    pub fn period(every: Duration) -> Duration {
-        (every / 4).max(Duration::from_millis(10))
+    /// The threads that have not beaten for `max` or more.
+    pub fn stalled(&self, max: Duration) -> Vec<usize> {
+        stalled(&self.ages(), max)
+    }
+
+    /// How often a thread beats when the watchdog wants pings `every`
+    /// (unset: none): several beats per ping, so one late beat does not
+    /// cost a ping, and at least once a second for `/readyz`.
+    pub fn period(every: Option<Duration>) -> Duration {
+        let second = Duration::from_secs(1);
+        every
+            .map_or(second, |e| (e / 4).min(second))
+            .max(Duration::from_millis(10))
     }
 }
 
-/// The threads whose counter did not move since the last ping.
-fn stuck_threads(last: &[u64], now: &[u64]) -> Vec<usize> {
-    last.iter()
-        .zip(now)
+fn stalled(ages: &[Duration], max: Duration) -> Vec<usize> {
+    ages.iter()
         .enumerate()
-        .filter(|(_, (a, b))| a == b)
+        .filter(|(_, age)| **age >= max)
         .map(|(i, _)| i)
         .collect()
 }
@@ -134,17 +157,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_thread_whose_counter_stands_still_is_stuck() {
+    fn a_thread_that_does_not_beat_is_stalled() {
         let beats = Heartbeats::new(3);
-        let before = beats.read();
+        std::thread::sleep(Duration::from_millis(30));
         beats.beat(0);
         beats.beat(2);
         beats.beat(7); // no such thread: ignored
-        assert_eq!(stuck_threads(&before, &beats.read()), vec![1]);
-        let before = beats.read();
-        for i in 0..3 {
-            beats.beat(i);
-        }
-        assert!(stuck_threads(&before, &beats.read()).is_empty());
+        assert_eq!(beats.stalled(Duration::from_millis(20)), vec![1]);
+        assert!(beats.stalled(Duration::from_secs(5)).is_empty());
+        assert_eq!(
+            stalled(
+                &[Duration::from_secs(1), Duration::from_secs(9)],
+                Duration::from_secs(5)
+            ),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn beats_come_several_times_per_ping_and_at_least_every_second() {
+        assert_eq!(
+            Heartbeats::period(Some(Duration::from_secs(15))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            Heartbeats::period(Some(Duration::from_millis(200))),
+            Duration::from_millis(50)
+        );
+        assert_eq!(Heartbeats::period(None), Duration::from_secs(1));
     }
 }

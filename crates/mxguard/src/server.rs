@@ -70,6 +70,8 @@ pub struct Shared {
     pub tokens: ArcSwap<Tokens>,
     pub started: Instant,
     pub(crate) config_source: std::sync::OnceLock<crate::reload::ConfigSource>,
+    /// The session threads' heartbeats (set when they start).
+    pub session_threads: std::sync::OnceLock<Arc<crate::notify::Heartbeats>>,
 }
 
 impl Shared {
@@ -112,6 +114,7 @@ impl Shared {
             tokens: ArcSwap::from_pointee(Tokens::disabled()),
             started: Instant::now(),
             config_source: std::sync::OnceLock::new(),
+            session_threads: std::sync::OnceLock::new(),
         }
     }
 
@@ -348,9 +351,16 @@ pub async fn run(
 
     let watchdog = crate::notify::watchdog_interval();
     let beats = Arc::new(crate::notify::Heartbeats::new(workers));
+    let _ = shared.session_threads.set(beats.clone());
+    let period = crate::notify::Heartbeats::period(watchdog);
     for (w, sockets) in listeners.into_iter().enumerate() {
-        let beat = watchdog.map(|every| (beats.clone(), crate::notify::Heartbeats::period(every)));
-        start_worker(w, sockets, shared.clone(), shutdown_rx.clone(), beat)?;
+        start_worker(
+            w,
+            sockets,
+            shared.clone(),
+            shutdown_rx.clone(),
+            (beats.clone(), period),
+        )?;
     }
     tokio::spawn(purge_loop(shared.clone(), shutdown_rx.clone()));
 
@@ -421,14 +431,14 @@ fn worker_count(configured: usize) -> usize {
 /// admin API, holding pen, state, fleet) stay on the main runtime; a
 /// session back from the holding pen is spawned on the thread that
 /// accepted it. The thread runs until the process exits: after the drain,
-/// like the main runtime, it is simply stopped. With the systemd watchdog
-/// on, it beats a counter the watchdog's pings depend on.
+/// like the main runtime, it is simply stopped. It beats a heartbeat that
+/// the systemd watchdog's pings and `/readyz` depend on.
 fn start_worker(
     index: usize,
     sockets: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    beat: Option<(Arc<crate::notify::Heartbeats>, Duration)>,
+    beat: (Arc<crate::notify::Heartbeats>, Duration),
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -460,15 +470,14 @@ fn start_worker(
                         shutdown.clone(),
                     ));
                 }
-                // Proof of life for the systemd watchdog.
-                if let Some((beats, period)) = beat {
-                    let mut tick = tokio::time::interval(period);
-                    loop {
-                        tick.tick().await;
-                        beats.beat(index);
-                    }
+                // Proof of life for the systemd watchdog and `/readyz`.
+                let (beats, period) = beat;
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    beats.beat(index);
                 }
-                std::future::pending::<()>().await;
             });
         })
         .context("cannot start a session thread")?;

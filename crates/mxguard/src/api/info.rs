@@ -27,7 +27,12 @@ struct Check {
     detail: String,
 }
 
-/// `GET /readyz`: the MTA answers a TCP connect and the stores are usable.
+/// A session thread that has not beaten (every second) for this long is
+/// stalled.
+const THREAD_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /readyz`: the MTA answers a TCP connect, the stores are usable and
+/// every session thread makes progress.
 pub async fn readyz(call: &Call<'_>) -> ApiResult {
     call.query.allow(&[])?;
     let runtime = call.shared.runtime.load_full();
@@ -95,6 +100,35 @@ pub async fn readyz(call: &Call<'_>) -> ApiResult {
         },
     };
     checks.insert("quarantine", quarantine);
+
+    // A session thread that stopped beating holds up its sessions and its
+    // share of new connections (`intercept.workers`).
+    if let Some(beats) = call.shared.session_threads.get() {
+        let ages = beats.ages();
+        let stalled = beats.stalled(THREAD_STALL);
+        let oldest = ages.iter().max().copied().unwrap_or_default();
+        checks.insert(
+            "session_threads",
+            if stalled.is_empty() {
+                Check {
+                    ok: true,
+                    detail: format!(
+                        "{} session thread(s), the last beat of each at most {} ms ago",
+                        ages.len(),
+                        oldest.as_millis()
+                    ),
+                }
+            } else {
+                Check {
+                    ok: false,
+                    detail: format!(
+                        "session thread(s) {stalled:?} made no progress for {}s or more",
+                        THREAD_STALL.as_secs()
+                    ),
+                }
+            },
+        );
+    }
 
     let ready = checks.values().all(|c| c.ok);
     let status = if ready {
