@@ -32,9 +32,10 @@ pub fn bind_listener(
 /// no wake-up crosses threads. Port 0 is resolved by the first socket and
 /// the rest bind the port it got. Otherwise as [`bind_listener`].
 ///
-/// `SO_REUSEPORT` lets another socket of the same user join the group;
-/// only processes of our own user can (the kernel checks the effective
-/// UID), as with nginx's `reuseport` and HAProxy's default.
+/// `SO_REUSEPORT` would let a socket of the same user join the group (the
+/// kernel checks the effective UID); a port already listened on is refused
+/// with `AddrInUse` first, so a second guard on the same port fails to
+/// start rather than taking a share of the connections.
 pub fn bind_listeners(
     addr: SocketAddr,
     transparent: bool,
@@ -42,6 +43,15 @@ pub fn bind_listeners(
     count: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
     let shared = count > 1;
+    if shared && addr.port() != 0 {
+        // A socket of our own user with SO_REUSEPORT on the port would let
+        // this group join it and share its connections: a second guard
+        // started by mistake would take half the traffic unnoticed. A plain
+        // socket cannot bind beside a listener, so it finds one (and fails
+        // with "address in use", as a single socket would) before the group
+        // is bound.
+        drop(bind(addr, transparent, backlog, false)?);
+    }
     let first = bind(addr, transparent, backlog, shared)?;
     let bound = first.local_addr()?;
     let mut listeners = vec![first];

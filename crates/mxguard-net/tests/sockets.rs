@@ -301,3 +301,16 @@ fn a_group_of_one_is_a_plain_listener() {
     let taken = bind_listener(SocketAddr::from(([127, 0, 0, 1], port)), false, 128);
     assert_eq!(taken.unwrap_err().kind(), io::ErrorKind::AddrInUse);
 }
+
+#[test]
+fn a_group_does_not_join_a_port_already_listened_on() {
+    // Another group of the same user on the port (a second guard started
+    // by mistake) is refused, not joined.
+    let first = bind_listeners(addr("127.0.0.1:0"), false, 128, 2).unwrap();
+    let port = first[0].local_addr().unwrap().port();
+    let again = bind_listeners(SocketAddr::from(([127, 0, 0, 1], port)), false, 128, 2);
+    assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+    // Once the first is gone the port can be listened on again.
+    drop(first);
+    bind_listeners(SocketAddr::from(([127, 0, 0, 1], port)), false, 128, 2).unwrap();
+}

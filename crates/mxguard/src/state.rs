@@ -54,6 +54,7 @@ use crate::lists::{DynamicRecord, ListKind, ListSink};
 
 const LOG: &str = "lists.log";
 const LISTS: &str = "lists.json";
+const LOCK: &str = "lock";
 const REPUTATION: &str = "reputation.json";
 const TRENDS: &str = "trends.json";
 
@@ -108,12 +109,46 @@ pub struct StateStore {
     dir: PathBuf,
     log: Mutex<Log>,
     metrics: AdmissionMetrics,
+    /// An exclusive lock on `dir/lock` for as long as the store is open:
+    /// two guards writing one directory would clobber each other's
+    /// snapshots (seen: an empty `lists.json` that the next start refused).
+    _lock: File,
+}
+
+/// Takes the directory's lock, or says who holds it.
+fn lock_dir(dir: &Path) -> Result<File, String> {
+    let path = dir.join(LOCK);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the next one to be told.
+            let _ = file.set_len(0);
+            let _ = writeln!(file, "{}", std::process::id());
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(format!(
+                "{} is in use by another mxguard (pid {}): each guard needs a state.dir of its own",
+                dir.display(),
+                holder.trim()
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 impl StateStore {
     /// Opens (creating) `dir` and reads what it holds.
     pub fn open(dir: &Path, metrics: AdmissionMetrics) -> Result<(Arc<Self>, Loaded), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let lock = lock_dir(dir)?;
         let snapshot: ListsSnapshot = read_json(&dir.join(LISTS))?.unwrap_or(ListsSnapshot {
             seq: 0,
             entries: Vec::new(),
@@ -157,6 +192,7 @@ impl StateStore {
                 dirty: false,
             }),
             metrics,
+            _lock: lock,
         });
         Ok((
             store,
@@ -421,6 +457,21 @@ mod tests {
         let mut nets: Vec<String> = loaded.entries.iter().map(|r| r.net.to_string()).collect();
         nets.sort();
         assert_eq!(nets, ["192.0.2.2/32", "198.51.100.0/24"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused_while_the_first_is_open() {
+        let dir = std::env::temp_dir().join(format!("mxguard-state-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _) = StateStore::open(&dir, metrics()).unwrap();
+        let Err(e) = StateStore::open(&dir, metrics()) else {
+            panic!("a second store opened the same directory");
+        };
+        assert!(e.contains("in use by another mxguard"), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(store);
+        StateStore::open(&dir, metrics()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
