@@ -83,7 +83,25 @@ pub struct Record<'a> {
     pub authenticated: bool,
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
+    /// A session that has just begun: nothing seen yet, verdict `error`
+    /// until something better is known.
+    pub fn new(live: SessionHandle<'a>, client: SocketAddr) -> Self {
+        Self {
+            live,
+            client,
+            orig_dst: None,
+            verdict: Verdict::Error,
+            tests: Vec::new(),
+            end: "",
+            bytes_up: 0,
+            bytes_down: 0,
+            turns: 0,
+            min_gap: None,
+            authenticated: false,
+        }
+    }
+
     pub fn fired(&mut self, test: &'static str) {
         if !self.tests.contains(&test) {
             self.tests.push(test);
@@ -109,19 +127,7 @@ impl Record<'_> {
 pub async fn run(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) -> Option<Parked> {
     let started = Instant::now();
     let runtime = shared.runtime.load_full();
-    let mut record = Record {
-        live: shared.sessions.register(peer),
-        client: peer,
-        orig_dst: None,
-        verdict: Verdict::Error,
-        tests: Vec::new(),
-        end: "",
-        bytes_up: 0,
-        bytes_down: 0,
-        turns: 0,
-        min_gap: None,
-        authenticated: false,
-    };
+    let mut record = Record::new(shared.sessions.register(peer), peer);
     if let Some(parking) = drive(&shared, &runtime, client, started, &mut record).await {
         return Some(parking.parked(shared.clone(), runtime.clone(), record, started));
     }
@@ -151,17 +157,10 @@ pub async fn resume(parked: Parked) {
         home: _,
     } = parked;
     let mut record = Record {
-        live: shared.sessions.attach(session),
-        client: peer,
         orig_dst: Some(dst),
-        verdict: Verdict::Error,
         tests,
-        end: "",
-        bytes_up: 0,
         bytes_down,
-        turns: 0,
-        min_gap: None,
-        authenticated: false,
+        ..Record::new(shared.sessions.attach(session), peer)
     };
     match TcpStream::from_std(client) {
         Ok(client) => {
@@ -1308,17 +1307,8 @@ mod tests {
         accepted.set_nonblocking(true).unwrap();
         let mut client = TcpStream::from_std(accepted).unwrap();
         let mut record = Record {
-            live: shared.sessions.register(peer),
-            client: peer,
             orig_dst: Some(mta_addr),
-            verdict: Verdict::Error,
-            tests: Vec::new(),
-            end: "",
-            bytes_up: 0,
-            bytes_down: 0,
-            turns: 0,
-            min_gap: None,
-            authenticated: false,
+            ..Record::new(shared.sessions.register(peer), peer)
         };
         let started = Instant::now();
         let hold = Hold {
