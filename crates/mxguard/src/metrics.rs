@@ -19,8 +19,6 @@ pub struct Metrics {
     /// Every finished connection, by its verdict.
     pub connections: IntCounterVec,
     pub detections: IntCounterVec,
-    pub sessions_active: IntGaugeVec,
-    pub session_duration_seconds: HistogramVec,
     pub relayed_bytes: IntCounterVec,
     pub upstream_connect_errors: IntCounterVec,
     pub upstream_connect_seconds: Histogram,
@@ -47,9 +45,10 @@ pub struct Metrics {
 
 /// Pre-resolved handles of the per-session series.
 struct Hot {
-    /// By `Verdict::ALL` position: finished connections, their duration.
+    /// By `Verdict` discriminant (`Verdict::ALL` is in declaration order;
+    /// a unit test holds it): finished connections, their duration.
     verdicts: Vec<(IntCounter, Histogram)>,
-    /// By `Phase::ALL` position.
+    /// By `Phase` discriminant (`Phase::ALL` in declaration order).
     phases: Vec<IntGauge>,
     greeted: Histogram,
     /// List look-ups at admission (`mxguard_blocklist_lookups_total`):
@@ -322,8 +321,6 @@ impl Metrics {
             connections_accepted,
             connections,
             detections,
-            sessions_active,
-            session_duration_seconds,
             relayed_bytes,
             upstream_connect_errors,
             upstream_connect_seconds,
@@ -347,31 +344,16 @@ impl Metrics {
 
     /// Counts a session in `phase` for as long as the guard lives.
     pub fn enter(&self, phase: Phase) -> PhaseGuard {
-        let gauge = match Phase::ALL.iter().position(|p| *p == phase) {
-            Some(i) => self.hot.phases[i].clone(),
-            None => self.sessions_active.with_label_values(&[phase.as_str()]),
-        };
+        let gauge = self.hot.phases[phase as usize].clone();
         gauge.inc();
         PhaseGuard { gauge }
     }
 
     /// A session ended with `verdict` after `seconds`.
     pub fn session_finished(&self, verdict: Verdict, seconds: f64) {
-        match Verdict::ALL.iter().position(|v| *v == verdict) {
-            Some(i) => {
-                let (count, duration) = &self.hot.verdicts[i];
-                count.inc();
-                duration.observe(seconds);
-            }
-            None => {
-                self.connections
-                    .with_label_values(&[verdict.as_str()])
-                    .inc();
-                self.session_duration_seconds
-                    .with_label_values(&[verdict.as_str()])
-                    .observe(seconds);
-            }
-        }
+        let (count, duration) = &self.hot.verdicts[verdict as usize];
+        count.inc();
+        duration.observe(seconds);
     }
 
     /// A greeting went out after the client was held `seconds`.
@@ -461,6 +443,44 @@ impl Drop for PhaseGuard {
 mod tests {
     use super::*;
 
+    /// A sample's value in the exposition text, by its name and labels.
+    fn sample(m: &Metrics, series: &str) -> f64 {
+        let text = String::from_utf8(m.render()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {series}"))
+    }
+
+    #[test]
+    fn the_hot_handles_are_the_series_of_their_labels() {
+        // `hot` is indexed by discriminant: ALL must be in declaration
+        // order, and each handle must count under its own label.
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "{v:?}");
+        }
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "{p:?}");
+        }
+        let m = Metrics::new().unwrap();
+        m.session_finished(Verdict::Quarantine, 0.5);
+        let _relay = m.enter(Phase::Relay);
+        for v in Verdict::ALL {
+            let want = u64::from(v == Verdict::Quarantine);
+            assert_eq!(
+                m.connections.with_label_values(&[v.as_str()]).get(),
+                want,
+                "{v:?}"
+            );
+            let count = format!(
+                "mxguard_session_duration_seconds_count{{outcome=\"{}\"}}",
+                v.as_str()
+            );
+            assert_eq!(sample(&m, &count), want as f64, "{v:?}");
+        }
+        assert_eq!(sample(&m, "mxguard_sessions_active{phase=\"relay\"}"), 1.0);
+        assert_eq!(sample(&m, "mxguard_sessions_active{phase=\"greet\"}"), 0.0);
+    }
+
     #[test]
     fn every_series_name_follows_the_conventions() {
         let m = Metrics::new().unwrap();
@@ -482,7 +502,12 @@ mod tests {
     #[test]
     fn a_phase_guard_releases_its_count() {
         let m = Metrics::new().unwrap();
-        let get = |p: Phase| m.sessions_active.with_label_values(&[p.as_str()]).get();
+        let get = |p: Phase| {
+            sample(
+                &m,
+                &format!("mxguard_sessions_active{{phase=\"{}\"}}", p.as_str()),
+            ) as i64
+        };
         {
             let _g = m.enter(Phase::Greet);
             assert_eq!(get(Phase::Greet), 1);

@@ -269,6 +269,22 @@ mod tests {
             .collect()
     }
 
+    /// Writes `bytes` and half-closes, reading everything the other side
+    /// sends meanwhile, to its EOF.
+    async fn send_and_read(stream: &mut TcpStream, bytes: &[u8]) -> Vec<u8> {
+        let (mut rd, mut wr) = stream.split();
+        let mut got = Vec::new();
+        let ((), r) = tokio::join!(
+            async {
+                wr.write_all(bytes).await.unwrap();
+                wr.shutdown().await.unwrap();
+            },
+            rd.read_to_end(&mut got)
+        );
+        r.unwrap();
+        got
+    }
+
     /// Client sends `mail` and half-closes, the MTA sends `reply` and
     /// half-closes; returns what each received and the relay's result.
     async fn exchange(mail: &[u8], reply: &[u8]) -> (Vec<u8>, Vec<u8>, RelayStats) {
@@ -280,33 +296,11 @@ mod tests {
             Duration::from_secs(30),
             &(),
         );
-        let client_side = async {
-            let (mut rd, mut wr) = client.split();
-            let mut got = Vec::new();
-            let ((), r) = tokio::join!(
-                async {
-                    wr.write_all(mail).await.unwrap();
-                    wr.shutdown().await.unwrap();
-                },
-                rd.read_to_end(&mut got)
-            );
-            r.unwrap();
-            got
-        };
-        let mta_side = async {
-            let (mut rd, mut wr) = mta.split();
-            let mut got = Vec::new();
-            let ((), r) = tokio::join!(
-                async {
-                    wr.write_all(reply).await.unwrap();
-                    wr.shutdown().await.unwrap();
-                },
-                rd.read_to_end(&mut got)
-            );
-            r.unwrap();
-            got
-        };
-        let (stats, client_got, mta_got) = tokio::join!(relay, client_side, mta_side);
+        let (stats, client_got, mta_got) = tokio::join!(
+            relay,
+            send_and_read(&mut client, mail),
+            send_and_read(&mut mta, reply)
+        );
         (mta_got, client_got, stats.unwrap())
     }
 
