@@ -217,8 +217,13 @@ def test_quarantine_list_show_release_and_delete(sink, make_guard, workdir):
     assert call(guard, "DELETE", f"/api/v1/quarantine/{second['id']}")[0] == 404
     assert len(sink.messages()) == 1
 
-    events = [json.loads(l) for l in (workdir / "events.jsonl").read_text().splitlines()]
-    actions = [(e["action"], e["target"], e["who"], e["result"]) for e in events if e["type"] == "admin"]
+    def admin_actions():
+        events = [json.loads(l) for l in (workdir / "events.jsonl").read_text().splitlines()]
+        return [(e["action"], e["target"], e["who"], e["result"]) for e in events if e["type"] == "admin"]
+
+    # The event log is written by its own thread, just after the answer.
+    wait_until(lambda: len(admin_actions()) >= 3, 5, "three admin events in the log")
+    actions = admin_actions()
     assert actions == [
         ("quarantine.release", first["id"], "ops", "ok"),
         ("quarantine.delete", second["id"], "ops", "ok"),
