@@ -50,6 +50,29 @@ pub struct ReplyDelays {
     pub other: Duration,
 }
 
+/// What a sender waits for the reply to most commands (RFC 5321
+/// §4.5.3.2: the greeting, MAIL, RCPT; the RFC names no other, and 5
+/// minutes is what Postfix and Exim wait for any command).
+const SENDER_WAITS: Duration = Duration::from_secs(5 * 60);
+/// ... for the `354` to DATA (§4.5.3.2.3).
+const SENDER_WAITS_DATA: Duration = Duration::from_secs(2 * 60);
+/// ... for the reply to the end of a message (§4.5.3.2.6).
+const SENDER_WAITS_END: Duration = Duration::from_secs(10 * 60);
+
+/// The longest a reply to `turn` is held, its reply delay and the tarpit
+/// together: half of what a sender waits for it (RFC 5321 §4.5.3.2). The
+/// other half is for the MTA's own time and for senders that give up
+/// sooner than the RFC says; a reply held past the sender's timeout would
+/// turn a slowed session into a failed delivery and a retry.
+fn max_hold(turn: Turn) -> Duration {
+    let waits = match turn {
+        Turn::Command(Verb::Data) => SENDER_WAITS_DATA,
+        Turn::EndOfData | Turn::Chunk { last: true } | Turn::PrdrPart => SENDER_WAITS_END,
+        _ => SENDER_WAITS,
+    };
+    waits / 2
+}
+
 impl ReplyDelays {
     fn for_turn(&self, turn: Turn) -> Duration {
         match turn {
@@ -1258,7 +1281,7 @@ impl TurnTracker {
     }
 
     fn queue_reply(&mut self, now: Instant, bytes: Vec<u8>, turn: Turn, then_blind: bool) {
-        let delay = self.cfg.delays.for_turn(turn) + self.tarpit;
+        let delay = (self.cfg.delays.for_turn(turn) + self.tarpit).min(max_hold(turn));
         // A later reply never overtakes an earlier held one.
         let release_at = (now + delay).max(self.last_release);
         self.last_release = release_at;
@@ -1589,6 +1612,49 @@ mod tests {
         assert_eq!(s.violations(), ["pipelining"]);
         s.after(1);
         assert_eq!(s.take_client(), EHLO_REPLY);
+    }
+
+    /// The tarpit (up to 2m) and a reply delay (up to 1m) each stay
+    /// within their own bound, but together they would hold the `354`
+    /// past the 2 minutes a sender waits for it: their sum is held to half
+    /// of each reply's RFC 5321 timeout.
+    #[test]
+    fn tarpit_and_reply_delay_together_stay_within_the_senders_timeout() {
+        let minute = Duration::from_secs(60);
+        let mut s = Sim::new(TrackerConfig {
+            delays: ReplyDelays {
+                rcpt: minute,
+                data: minute,
+                end_of_data: minute,
+                ..ReplyDelays::default()
+            },
+            ..TrackerConfig::default()
+        });
+        s.ehlo();
+        s.t.set_tarpit(2 * minute);
+        let released = |s: &mut Sim| {
+            let start = s.now;
+            assert!(s.take_client().is_empty(), "held");
+            let due = s.t.poll_timeout().expect("a reply is held");
+            s.now = due;
+            s.flush();
+            assert!(!s.take_client().is_empty(), "released when due");
+            s.take_mta();
+            due - start
+        };
+        s.client_sends(b"MAIL FROM:<a@b>\r\n")
+            .mta_says(b"250 ok\r\n");
+        assert_eq!(released(&mut s), 2 * minute, "tarpit alone, under the cap");
+        s.client_sends(b"RCPT TO:<c@d>\r\n").mta_says(b"250 ok\r\n");
+        assert_eq!(
+            released(&mut s),
+            Duration::from_secs(150),
+            "3m capped at 2.5m"
+        );
+        s.client_sends(b"DATA\r\n").mta_says(b"354 go\r\n");
+        assert_eq!(released(&mut s), minute, "the 354: 3m capped at 1m");
+        s.client_sends(b"x\r\n.\r\n").mta_says(b"250 queued\r\n");
+        assert_eq!(released(&mut s), 3 * minute, "end of data: 10m to wait");
     }
 
     #[test]
