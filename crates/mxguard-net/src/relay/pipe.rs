@@ -19,11 +19,18 @@
 //! pipes in use and spare alike; past it, or when the kernel refuses
 //! (`EPERM` over `pipe-max-size` or the limits, `ENOMEM`), a pump keeps the
 //! pipe it has. Small sessions, the common case, never ask.
+//!
+//! An `EPERM` would come back on every burst, so after one no big pipe is
+//! asked for until [`RETRY_REFUSED`] has passed or one of our big pipes was
+//! closed (the user's pipes then hold fewer pages): the limits it hit move
+//! with the user's other pipes and with sysctl, so a refusal is not for
+//! good.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::unistd::pipe2;
@@ -55,9 +62,62 @@ static BIG_SPARE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 /// Big pipes alive (in use or spare).
 static BIG_PIPES: AtomicUsize = AtomicUsize::new(0);
 
+/// How long big pipes are not asked for after the kernel refused one.
+pub(crate) const RETRY_REFUSED: Duration = Duration::from_secs(10);
+
 /// The kernel refused to grow a pipe for lack of privilege or over a limit:
-/// stop asking (each refusal costs a system call per burst).
-static BIG_REFUSED: AtomicBool = AtomicBool::new(false);
+/// stop asking for a while (each refusal costs a system call per burst).
+#[cfg(not(test))]
+static BIG_REFUSED: Refusal = Refusal::new();
+
+/// When the kernel last refused a big pipe, in milliseconds of
+/// [`clock_ms`] (0: it has not, or a big pipe was closed since).
+pub(crate) struct Refusal {
+    at_ms: AtomicU64,
+}
+
+impl Refusal {
+    const fn new() -> Self {
+        Self {
+            at_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A big pipe may be asked for (no refusal, or an old one).
+    fn allows(&self, now_ms: u64) -> bool {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        at == 0 || now_ms.saturating_sub(at) >= RETRY_REFUSED.as_millis() as u64
+    }
+
+    fn refused(&self, now_ms: u64) {
+        self.at_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// One of our big pipes was closed: the user's pipes hold fewer pages.
+    fn released(&self) {
+        if self.at_ms.load(Ordering::Relaxed) != 0 {
+            self.at_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The refusal in force for this process (for each test thread its own,
+/// so that a test's fake refusal does not stop another's big pipes).
+fn refusal() -> &'static Refusal {
+    #[cfg(test)]
+    return tests::refusal();
+    #[cfg(not(test))]
+    &BIG_REFUSED
+}
+
+/// Milliseconds on a monotonic clock, from the first call (never 0).
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let ms = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+    #[cfg(test)]
+    let ms = ms + tests::skew_ms();
+    ms
+}
 
 /// A nonblocking, close-on-exec pipe.
 #[derive(Debug)]
@@ -109,7 +169,7 @@ impl Pipe {
     /// to the pool). On any refusal the pipe stays as it was: a smaller
     /// pipe only costs more system calls per byte.
     pub(crate) fn grow(&mut self) {
-        if self.big || BIG_REFUSED.load(Ordering::Relaxed) {
+        if self.big {
             return;
         }
         #[cfg(test)]
@@ -117,16 +177,32 @@ impl Pipe {
             return;
         }
         debug_assert!(self.is_drained(), "pipe grown while holding bytes");
-        if let Some(big) = lock(&BIG_SPARE).pop() {
-            std::mem::replace(self, big).give_back();
-            #[cfg(test)]
-            tests::count_grown();
+        // A spare big pipe needs no word from the kernel. (A test that
+        // fakes the kernel's refusals leaves the shared pool alone.)
+        #[cfg(test)]
+        let pooled = !tests::faking_eperm();
+        #[cfg(not(test))]
+        let pooled = true;
+        if pooled {
+            if let Some(big) = lock(&BIG_SPARE).pop() {
+                std::mem::replace(self, big).give_back();
+                #[cfg(test)]
+                tests::count_grown();
+                return;
+            }
+        }
+        let refused = refusal();
+        if !refused.allows(clock_ms()) {
             return;
         }
         if !reserve_big() {
             return;
         }
-        match fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(BIG_PIPE as libc::c_int)) {
+        #[cfg(test)]
+        let asked = tests::ask_kernel(&self.write);
+        #[cfg(not(test))]
+        let asked = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(BIG_PIPE as libc::c_int));
+        match asked {
             Ok(n) => {
                 self.capacity = usize::try_from(n).unwrap_or(BIG_PIPE);
                 self.big = true;
@@ -136,7 +212,7 @@ impl Pipe {
             Err(e) => {
                 BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
                 if matches!(e, nix::errno::Errno::EPERM) {
-                    BIG_REFUSED.store(true, Ordering::Relaxed);
+                    refused.refused(clock_ms());
                 }
             }
         }
@@ -199,6 +275,7 @@ impl Drop for Pipe {
     fn drop(&mut self) {
         if self.big {
             BIG_PIPES.fetch_sub(1, Ordering::Relaxed);
+            refusal().released();
         }
     }
 }
@@ -209,10 +286,10 @@ pub(crate) fn big_spares() -> usize {
     lock(&BIG_SPARE).len()
 }
 
-/// The kernel refused a big pipe once: no more are asked for.
+/// The kernel refused a big pipe lately: none is asked for now.
 #[cfg(test)]
 pub(crate) fn big_pipes_refused() -> bool {
-    BIG_REFUSED.load(Ordering::Relaxed)
+    !refusal().allows(clock_ms())
 }
 
 fn lock(pool: &Mutex<Vec<Pipe>>) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
@@ -262,6 +339,35 @@ pub(crate) mod tests {
         static CRAMPED: Cell<bool> = const { Cell::new(false) };
         /// Pipes this thread made big.
         static GROWN: Cell<usize> = const { Cell::new(0) };
+        /// This thread's refusal state (see [`super::refusal`]).
+        static REFUSAL: &'static Refusal = Box::leak(Box::new(Refusal::new()));
+        /// The kernel refuses this thread's big pipes with `EPERM`.
+        static EPERM: Cell<bool> = const { Cell::new(false) };
+        /// Times this thread asked the kernel for a big pipe.
+        static ASKED: Cell<usize> = const { Cell::new(0) };
+        /// How far this thread's clock is ahead.
+        static SKEW_MS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn refusal() -> &'static Refusal {
+        REFUSAL.with(|r| *r)
+    }
+
+    pub(super) fn faking_eperm() -> bool {
+        EPERM.get()
+    }
+
+    pub(super) fn skew_ms() -> u64 {
+        SKEW_MS.get()
+    }
+
+    /// `F_SETPIPE_SZ`, or the refusal this thread was told to fake.
+    pub(super) fn ask_kernel(write: &OwnedFd) -> nix::Result<libc::c_int> {
+        ASKED.set(ASKED.get() + 1);
+        if EPERM.get() {
+            return Err(nix::errno::Errno::EPERM);
+        }
+        fcntl(write, FcntlArg::F_SETPIPE_SZ(BIG_PIPE as libc::c_int))
     }
 
     /// Pipes made big on this thread so far.
@@ -336,6 +442,49 @@ pub(crate) mod tests {
             0,
             "a tight limit: no big pipe at all"
         );
+    }
+
+    /// An `EPERM` (over `pipe-max-size`, or the user's pipes over their
+    /// limits) stops the asking for a while, not until a restart: the
+    /// kernel is asked again once [`RETRY_REFUSED`] has passed, or at once
+    /// after one of our big pipes was closed.
+    #[test]
+    fn a_refused_big_pipe_is_asked_for_again_later_or_after_one_is_closed() {
+        EPERM.set(true);
+        let mut pipe = Pipe::take().unwrap();
+        pipe.grow();
+        assert_eq!(ASKED.get(), 1);
+        assert!(!pipe.is_big());
+        assert!(big_pipes_refused());
+        pipe.grow();
+        Pipe::take().unwrap().grow();
+        assert_eq!(ASKED.get(), 1, "asked again at once after a refusal");
+
+        SKEW_MS.set(RETRY_REFUSED.as_millis() as u64 - 100);
+        pipe.grow();
+        assert_eq!(ASKED.get(), 1, "asked again before the retry time");
+        SKEW_MS.set(RETRY_REFUSED.as_millis() as u64);
+        pipe.grow();
+        assert_eq!(
+            ASKED.get(),
+            2,
+            "never asked again: big pipes are off for good"
+        );
+        assert!(big_pipes_refused(), "refused again");
+
+        // One of our big pipes closes: the user's pipes hold fewer pages.
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
+        BIG_PIPES.fetch_add(1, Ordering::Relaxed);
+        drop(Pipe {
+            read,
+            write,
+            capacity: BIG_PIPE,
+            big: true,
+        });
+        assert!(!big_pipes_refused());
+        pipe.grow();
+        assert_eq!(ASKED.get(), 3, "not asked after a big pipe was closed");
+        EPERM.set(false);
     }
 
     #[test]
