@@ -76,6 +76,32 @@ impl Blocklist {
         before - self.entries.len()
     }
 
+    /// Forgets every address `forget` says yes to; returns them.
+    pub fn remove_where(&mut self, mut forget: impl FnMut(IpAddr) -> bool) -> Vec<IpAddr> {
+        let mut gone = Vec::new();
+        self.entries.retain(|addr, _| {
+            let keep = !forget(*addr);
+            if !keep {
+                gone.push(*addr);
+            }
+            keep
+        });
+        gone
+    }
+
+    /// Forgets `addr`; whether it was there (live or not).
+    pub fn remove(&mut self, addr: IpAddr) -> bool {
+        self.entries.remove(&addr).is_some()
+    }
+
+    /// The addresses listed at `now`, with the time each has left.
+    pub fn live(&self, now: Instant) -> impl Iterator<Item = (IpAddr, Duration)> + '_ {
+        self.entries
+            .iter()
+            .filter(move |(_, e)| e.until > now)
+            .map(move |(addr, e)| (*addr, e.until - now))
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -102,6 +128,24 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_are_forgotten_one_by_one_or_by_a_test() {
+        let t0 = Instant::now();
+        let mut list = Blocklist::new(10);
+        let minute = Duration::from_secs(60);
+        for a in ["192.0.2.1", "192.0.2.2", "198.51.100.1"] {
+            list.insert(ip(a), t0, minute, "pass");
+        }
+        assert!(list.remove(ip("192.0.2.1")));
+        assert!(!list.remove(ip("192.0.2.1")));
+        let mut gone = list.remove_where(|a| a.to_string().starts_with("192.0.2."));
+        gone.sort();
+        assert_eq!(gone, vec![ip("192.0.2.2")]);
+        let live: Vec<_> = list.live(t0 + Duration::from_secs(20)).collect();
+        assert_eq!(live, vec![(ip("198.51.100.1"), Duration::from_secs(40))]);
+        assert_eq!(list.live(t0 + minute).count(), 0);
     }
 
     #[test]

@@ -778,6 +778,7 @@ pub struct AdmissionMetrics {
     pub cluster_seconds: HistogramVec,
     pub cluster_received: IntCounterVec,
     pub nft: IntCounterVec,
+    pub nft_passed: IntCounterVec,
 }
 
 impl AdmissionMetrics {
@@ -837,6 +838,11 @@ impl AdmissionMetrics {
             "mxguard_nftables_elements_total",
             "Addresses pushed into the nftables sets, by result (ok, error).",
             &["result"],
+        )?;
+        let nft_passed = cv(
+            "mxguard_nftables_passed_total",
+            "Addresses added to or removed from the nftables passed sets (nftables.bypass_passed), by op (add, remove) and result (ok, error).",
+            &["op", "result"],
         )?;
         let tracked = IntGaugeVec::new(
             Opts::new(
@@ -907,6 +913,7 @@ impl AdmissionMetrics {
             cluster_seconds,
             cluster_received,
             nft,
+            nft_passed,
         })
     }
 }

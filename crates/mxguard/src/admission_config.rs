@@ -221,6 +221,16 @@ pub struct Nftables {
     pub ports: Vec<u16>,
     /// Additions are batched this long into one `nft` run.
     pub batch_interval: Dur,
+    /// The guard's table also holds the REDIRECT: new connections to
+    /// `ports` that come in on `redirect_interfaces` go to the guard's
+    /// listen port (IPv4 and IPv6). Needs `create` and `intercept.mode =
+    /// "redirect"`; the operator's own REDIRECT rule must go.
+    pub redirect: bool,
+    /// The interfaces whose connections are redirected (`iifname`).
+    pub redirect_interfaces: Vec<String>,
+    /// Clients in the pass cache skip the redirect: their new connections
+    /// reach the MTA in the kernel for `pass_cache.ttl`. Needs `redirect`.
+    pub bypass_passed: bool,
 }
 
 // The defaults, in one place.
@@ -344,6 +354,9 @@ impl Default for Nftables {
             create: true,
             ports: vec![25],
             batch_interval: Dur(Duration::from_millis(200)),
+            redirect: false,
+            redirect_interfaces: Vec::new(),
+            bypass_passed: false,
         }
     }
 }
@@ -516,6 +529,40 @@ pub fn validate(
         }
         if nft.batch_interval.0.is_zero() {
             return bad("nftables.batch_interval", "must be more than 0s");
+        }
+        if nft.redirect && !nft.create {
+            return bad(
+                "nftables.redirect",
+                "needs create = true (the rule lives in the guard's table)",
+            );
+        }
+        if nft.redirect && nft.redirect_interfaces.is_empty() {
+            return bad(
+                "nftables.redirect_interfaces",
+                "at least one interface when redirect = true (the MTA's own outgoing mail must not be redirected)",
+            );
+        }
+        // Written into the ruleset: no quote, brace or space may get in.
+        // A trailing `*` is nft's wildcard.
+        let ifname_ok = |s: &str| {
+            let name = s.strip_suffix('*').unwrap_or(s);
+            !name.is_empty()
+                && s.len() <= 15
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if let Some(bad_name) = nft.redirect_interfaces.iter().find(|s| !ifname_ok(s)) {
+            return Err((
+                "nftables.redirect_interfaces".into(),
+                format!("`{bad_name}`: an interface name is letters, digits, -_. (at most 15, `*` at the end)"),
+            ));
+        }
+        if nft.bypass_passed && !nft.redirect {
+            return bad(
+                "nftables.bypass_passed",
+                "needs redirect = true: an accept in the guard's table does not stop a REDIRECT in another table",
+            );
         }
     }
     Ok(())

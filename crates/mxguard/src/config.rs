@@ -865,6 +865,31 @@ impl Config {
         ) {
             return bad(&key, message);
         }
+        if self.nftables.enabled && self.nftables.redirect {
+            if self.intercept.mode != Mode::Redirect {
+                return bad(
+                    "nftables.redirect",
+                    format!(
+                        "needs intercept.mode = \"redirect\" (it is \"{}\")",
+                        self.intercept.mode.as_str()
+                    ),
+                );
+            }
+            // One port for both families: the rule is `redirect to :PORT`.
+            let port = self.intercept.listen[0].port();
+            if self.intercept.listen.iter().any(|a| a.port() != port) || port == 0 {
+                return bad(
+                    "nftables.redirect",
+                    "needs every intercept.listen address on one port (not 0)".into(),
+                );
+            }
+            if self.nftables.ports.contains(&port) {
+                return bad(
+                    "nftables.redirect",
+                    format!("the listen port {port} is one of nftables.ports: the guard would take its own upstream connections for loops"),
+                );
+            }
+        }
         // A bare word must be a level: `inof` would parse as a target name
         // and silently turn every log line off.
         const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
@@ -1053,6 +1078,55 @@ mod tests {
             "{text}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_kernel_bypass_needs_the_redirect_and_the_redirect_its_own_port() {
+        let base =
+            "[intercept]\nmode = \"redirect\"\nlisten = [\"0.0.0.0:10025\", \"[::]:10025\"]\n\
+                    [nftables]\nenabled = true\n";
+        let c = Config::parse(&format!(
+            "{base}redirect = true\nredirect_interfaces = [\"eth0\"]\nbypass_passed = true\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.nftables.bypass_passed && c.nftables.redirect);
+        for (extra, key) in [
+            ("bypass_passed = true\n", "nftables.bypass_passed"),
+            ("redirect = true\n", "nftables.redirect_interfaces"),
+            (
+                "redirect = true\nredirect_interfaces = [\"eth0 }\"]\n",
+                "nftables.redirect_interfaces",
+            ),
+            (
+                "redirect = true\ncreate = false\nredirect_interfaces = [\"eth0\"]\n",
+                "nftables.redirect",
+            ),
+            (
+                "redirect = true\nredirect_interfaces = [\"eth0\"]\nports = [10025]\n",
+                "nftables.redirect",
+            ),
+        ] {
+            let c = Config::parse(&format!("{base}{extra}")).unwrap();
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
+        let fixed = "[intercept]\nmode = \"fixed\"\nlisten = [\"0.0.0.0:10025\"]\n\
+                     [nftables]\nenabled = true\nredirect = true\nredirect_interfaces = [\"eth0\"]\n";
+        assert_eq!(
+            Config::parse(fixed).unwrap().validate().unwrap_err().key,
+            "nftables.redirect"
+        );
+        let two_ports = "[intercept]\nmode = \"redirect\"\nlisten = [\"0.0.0.0:10025\", \"[::]:10026\"]\n\
+                         [nftables]\nenabled = true\nredirect = true\nredirect_interfaces = [\"eth*\"]\n";
+        assert_eq!(
+            Config::parse(two_ports)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .key,
+            "nftables.redirect"
+        );
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub trait ListSink: Send + Sync {
     fn added(&self, record: &DynamicRecord, sync: bool) -> Result<(), String>;
     /// Records a removal, synchronously.
     fn removed(&self, kind: ListKind, net: IpNet) -> Result<(), String>;
+    /// The list files were read again: entries came and went without a
+    /// record each.
+    fn files_loaded(&self) {}
 }
 
 /// The lists of one daemon.
@@ -261,6 +264,9 @@ impl Lists {
         w.files = files.clone();
         let next = self.snapshot.load().with_files(table);
         self.snapshot.store(Arc::new(next));
+        for sink in &w.sinks {
+            sink.files_loaded();
+        }
         Ok(n)
     }
 

@@ -62,6 +62,8 @@ pub struct Shared {
     pub admission: AdmissionControl,
     /// Addresses that passed every test lately.
     passed: Mutex<Blocklist>,
+    /// The kernel's copy of the pass cache (`nftables.bypass_passed`).
+    pub kernel_bypass: std::sync::OnceLock<Arc<crate::nft::Nft>>,
     live: AtomicUsize,
     idle: Notify,
     /// The JSON-lines event log (`[log] events`).
@@ -108,6 +110,7 @@ impl Shared {
             lists,
             admission,
             passed: Mutex::new(passed),
+            kernel_bypass: std::sync::OnceLock::new(),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
             events,
@@ -186,6 +189,37 @@ impl Shared {
     pub fn remember_pass(&self, ip: IpAddr, ttl: Duration) {
         let now = Instant::now().into_std();
         self.passed.lock().insert(ip, now, ttl, "pass");
+        if let Some(kernel) = self.kernel_bypass.get() {
+            kernel.passed(ip, ttl);
+        }
+    }
+
+    /// Forgets the passes of the addresses in `net` (it was blocked);
+    /// returns them.
+    pub fn forget_passes(&self, net: IpNet) -> Vec<IpAddr> {
+        let net = mxguard_policy::canonical_net(net);
+        let mut passed = self.passed.lock();
+        if net.prefix_len() < net.max_prefix_len() {
+            return passed.remove_where(|ip| net.contains(&mxguard_policy::canonical_ip(ip)));
+        }
+        // One address (a detection): two look-ups, not a scan. A
+        // dual-stack listener sees an IPv4 client as `::ffff:a.b.c.d`.
+        let ip = net.addr();
+        let mapped = match ip {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(_) => None,
+        };
+        [Some(ip), mapped]
+            .into_iter()
+            .flatten()
+            .filter(|a| passed.remove(*a))
+            .collect()
+    }
+
+    /// The addresses with a live pass, and the time each has left.
+    pub fn passes(&self) -> Vec<(IpAddr, Duration)> {
+        let now = Instant::now().into_std();
+        self.passed.lock().live(now).collect()
     }
 
     pub fn count_action(&self, action: mxguard_policy::action::Action) {
