@@ -1,0 +1,277 @@
+"""The kernel bypass: clients in the pass cache skip the guard.
+
+In network namespaces (client ── gateway ── MTA, see netns.py), the guard
+owns the interception (`nftables.redirect`): its table redirects new
+connections to port 25 coming in on the gateway's client-side interface to
+its own port, and drops blocked addresses before that. With
+`nftables.bypass_passed` a client whose session passed goes into the set
+`passed4`/`passed6` with the pass TTL; its next connections reach the MTA
+straight through the kernel — the guard never sees them, the MTA sees the
+client's own address. A block of the address takes it out of the set and
+out of the pass cache, so after the block its next connection meets the
+guard again, greet pause and all."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+import netns
+from admin_api import TOKEN, write_tokens
+from peers import RawClient, SmtpSink, free_port, wait_until
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("nft") is None, reason="nft missing (tests/install-deps.sh)"),
+    pytest.mark.time_limit(90),
+]
+
+TABLE = "mxguard_bypass_e2e"
+FAMILIES = [4, 6]
+
+
+def nft_set(ns: str, name: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "set", "inet", TABLE, name],
+                          capture_output=True, text=True, timeout=10).stdout
+
+
+def in_set(ns: str, name: str, ip: str) -> bool:
+    return re.search(rf"[{{ ,]{re.escape(ip)}[ ,}}]", nft_set(ns, name).replace("\n", " ")) is not None
+
+
+def api(guard, method: str, path: str, body=None) -> tuple[int, dict | str]:
+    """An admin API call from inside the guard's namespace."""
+    host, _, port = guard.admin.rpartition(":")
+    data = json.dumps(body).encode() if body is not None else b""
+    with netns.entered(guard.ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(10)
+        s.connect((host, int(port)))
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: mxguard\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                  f"Connection: close\r\n\r\n".encode() + data)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload.decode("utf-8", "replace")
+
+
+def syn_answered(ns: str, host: str, port: int, source: str, timeout=1.5) -> bool:
+    """Whether a TCP connect from `source` gets any answer (SYN-ACK or RST)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with netns.entered(ns):
+        s = socket.socket(family, socket.SOCK_STREAM)
+    with s:
+        s.bind((source, 0))
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            return True
+        except ConnectionRefusedError:
+            return True
+        except (socket.timeout, TimeoutError):
+            return False
+
+
+def deliver(topo, mta_ip: str, source: str, n: int) -> list[bytes]:
+    """One clean session to the MTA's address from `source` with message
+    number `n`; returns the greeting's lines."""
+    c = RawClient(mta_ip, 25, source=source, ns=topo.client)
+    greeting = c.read_reply(timeout=5)
+    assert greeting.code == 220, greeting.lines
+    assert c.command(b"EHLO client.example.test\r\n").code == 250
+    assert c.command(b"MAIL FROM:<alice@sender.example.test>\r\n").code == 250
+    assert c.command(b"RCPT TO:<bob@example.test>\r\n").code == 250
+    assert c.command(b"DATA\r\n").code == 354
+    assert c.command(f"Subject: bypass {n}\r\n\r\nmessage {n}\r\n.\r\n".encode()).code == 250
+    assert c.command(b"QUIT\r\n").code == 221
+    c.close()
+    return greeting.lines
+
+
+def gateway(topo, make_guard, workdir, bypass: bool, name="guard", **overrides):
+    """The guard in the gateway namespace, owning the redirect."""
+    port = free_port()
+    config = {
+        "intercept.mode": "redirect",
+        "greet.delay": "500ms",
+        "greet.connect_lead": "200ms",
+        "pass_cache.ttl": "1h",
+        "admin.token_file": str(write_tokens(workdir)),
+        "nftables.enabled": True,
+        "nftables.table": TABLE,
+        "nftables.batch_interval": "100ms",
+        "nftables.redirect": True,
+        "nftables.redirect_interfaces": ["g0"],
+        "nftables.bypass_passed": bypass,
+    }
+    config.update(overrides)
+    guard = make_guard(listen=[f"0.0.0.0:{port}", f"[::]:{port}"], ns=topo.gw, name=name, **config)
+    guard.wait_log(rf"nftables: new connections to ports \[25\] on g0 redirected to port {port}")
+    return guard
+
+
+def accepted(guard) -> float:
+    return guard.metric("mxguard_connections_accepted_total")
+
+
+@pytest.fixture
+def cleanup_table(topo):
+    yield
+    netns.in_ns(topo.gw, "nft", "delete", "table", "inet", TABLE, check=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
+def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_blocked(
+        family, topo, make_guard, workdir, cleanup_table):
+    client, _, gw_mta_side, mta_ip = topo.addrs(family)
+    passed = "passed4" if family == 4 else "passed6"
+    blocked = "blocked4" if family == 4 else "blocked6"
+    sink = SmtpSink(workdir, host="0.0.0.0" if family == 4 else "::", port=25, ns=topo.mta)
+    guard = gateway(topo, make_guard, workdir, bypass=True)
+
+    # First session: through the guard (challenge line, greet pause); the
+    # MTA sees the gateway.
+    greeting = deliver(topo, mta_ip, client, 1)
+    assert greeting[0].startswith(b"220-guard.example.test"), greeting
+    assert guard.wait_verdict(client)["verdict"] == "pass"
+    sink.wait_messages(1)
+    assert sink.connections() == [gw_mta_side]
+    assert accepted(guard) == 1
+
+    # Its address goes into the passed set, with the pass TTL.
+    wait_until(lambda: in_set(topo.gw, passed, client), 5, "the client in the passed set")
+    assert re.search(r"timeout 1h", nft_set(topo.gw, passed)), nft_set(topo.gw, passed)
+    assert guard.metric("mxguard_nftables_passed_total", op="add", result="ok") == 1
+
+    # Next sessions: straight to the MTA. The guard does not see them; the
+    # MTA sees the client's own address and greets it itself.
+    for n in (2, 3):
+        greeting = deliver(topo, mta_ip, client, n)
+        assert greeting == [b"220 sink.example.test ESMTP\r\n"], greeting
+    sink.wait_messages(3)
+    assert sink.connections() == [gw_mta_side, client, client]
+    assert accepted(guard) == 1
+
+    # An operator blocks it: out of the passed set, into the blocked one;
+    # its SYNs are dropped before the redirect and before the bypass.
+    status, body = api(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
+    assert status in (200, 201), body
+    wait_until(lambda: not in_set(topo.gw, passed, client), 5, "the client out of the passed set")
+    wait_until(lambda: in_set(topo.gw, blocked, client), 5, "the client in the blocked set")
+    assert guard.metric("mxguard_nftables_passed_total", op="remove", result="ok") == 1
+    assert not syn_answered(topo.client, mta_ip, 25, client)
+    assert accepted(guard) == 1
+    assert len(sink.connections()) == 3
+
+    # Unblocked, it meets the guard again, as a stranger: the block also
+    # took it out of the pass cache.
+    status, body = api(guard, "DELETE", f"/api/v1/blocklist?net={client}")
+    assert status == 200, body
+    wait_until(lambda: not in_set(topo.gw, blocked, client), 5, "the client out of the blocked set")
+    greeting = deliver(topo, mta_ip, client, 4)
+    assert greeting[0].startswith(b"220-guard.example.test"), greeting
+    assert accepted(guard) == 2
+    sink.wait_messages(4)
+    assert sink.connections()[-1] == gw_mta_side
+    guard.stop()
+
+
+def test_a_detection_takes_a_passed_client_out_of_the_kernel(topo, make_guard, workdir, cleanup_table):
+    """A session opened before the client passed still goes through the
+    guard (conntrack keeps its redirect); a protocol violation on it
+    blocks the address and takes it out of the passed set."""
+    client, _, _, mta_ip = topo.addrs(4)
+    sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.mta)
+    guard = gateway(topo, make_guard, workdir, bypass=True)
+
+    early = RawClient(mta_ip, 25, source=client, ns=topo.client)
+    assert early.read_reply(timeout=5).code == 220
+    deliver(topo, mta_ip, client, 1)
+    wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the passed set")
+
+    # EHLO must end a pipeline group: a bot's burst on the old session.
+    early.send(b"EHLO hasty.example.test\r\nMAIL FROM:<a@b.example>\r\n")
+    assert early.read_reply(timeout=5).code == 554
+    early.close()
+    wait_until(lambda: not in_set(topo.gw, "passed4", client), 5, "the client out of the passed set")
+    wait_until(lambda: in_set(topo.gw, "blocked4", client), 5, "the client in the blocked set")
+    assert not syn_answered(topo.client, mta_ip, 25, client)
+    # A blocked address that never passed: dropped too, whatever the redirect.
+    other = "10.77.1.3"
+    netns.ip("addr", "add", f"{other}/24", "dev", "c0", ns=topo.client)
+    assert syn_answered(topo.client, mta_ip, 25, other)
+    status, body = api(guard, "POST", "/api/v1/blocklist", {"address": other, "ttl_seconds": 600})
+    assert status in (200, 201), body
+    wait_until(lambda: in_set(topo.gw, "blocked4", other), 5, "the other address in the blocked set")
+    assert not syn_answered(topo.client, mta_ip, 25, other)
+    assert guard.metric("mxguard_nftables_passed_total", op="remove", result="ok") == 1
+    assert len(sink.messages()) == 1
+    guard.stop()
+
+
+def test_passes_in_the_kernel_outlive_a_restart(topo, make_guard, workdir, cleanup_table):
+    client, _, gw_mta_side, mta_ip = topo.addrs(4)
+    sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.mta)
+    guard = gateway(topo, make_guard, workdir, bypass=True)
+    deliver(topo, mta_ip, client, 1)
+    wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the passed set")
+    guard.stop()
+    # The table stays when the guard stops: the kernel keeps the passes.
+    assert in_set(topo.gw, "passed4", client)
+
+    again = gateway(topo, make_guard, workdir, bypass=True, name="guard2")
+    again.wait_log(r"nftables: 1 passed address\(es\) carried over from the old table")
+    wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the new table's set")
+    deliver(topo, mta_ip, client, 2)
+    sink.wait_messages(2)
+    assert sink.connections() == [gw_mta_side, client]
+    assert accepted(again) == 0
+    again.stop()
+
+
+def test_without_the_bypass_every_session_goes_through_the_guard(topo, make_guard, workdir, cleanup_table):
+    client, _, gw_mta_side, mta_ip = topo.addrs(4)
+    sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.mta)
+    guard = gateway(topo, make_guard, workdir, bypass=False)
+    assert "passed" not in subprocess.run(
+        ["ip", "netns", "exec", topo.gw, "nft", "list", "table", "inet", TABLE],
+        capture_output=True, text=True, timeout=10).stdout
+
+    greeting = deliver(topo, mta_ip, client, 1)
+    assert greeting[0].startswith(b"220-guard.example.test"), greeting
+    assert guard.wait_verdict(client)["verdict"] == "pass"
+    # The pass cache still works inside the guard: no pause the second time.
+    greeting = deliver(topo, mta_ip, client, 2)
+    assert greeting == [b"220 sink.example.test ESMTP\r\n"], greeting
+    sink.wait_messages(2)
+    assert sink.connections() == [gw_mta_side, gw_mta_side]
+    assert accepted(guard) == 2
+    assert guard.metric("mxguard_nftables_passed_total", op="add", result="ok") == 0
+    guard.stop()
+
+
+def test_a_block_file_takes_a_passed_client_out_of_the_kernel(topo, make_guard, workdir, cleanup_table):
+    client, _, _, mta_ip = topo.addrs(4)
+    SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.mta)
+    block = workdir / "block.txt"
+    block.write_text("# nobody yet\n")
+    guard = gateway(topo, make_guard, workdir, bypass=True,
+                    **{"lists.block_files": [str(block)], "lists.watch_interval": "200ms"})
+    deliver(topo, mta_ip, client, 1)
+    wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the passed set")
+
+    block.write_text(f"{client}/32\n")
+    wait_until(lambda: not in_set(topo.gw, "passed4", client), 5, "the client out of the passed set")
+    # The file's block is the guard's own (only detections and the admin
+    # API go into the kernel's blocked set): its connection meets the guard
+    # again and is refused there.
+    c = RawClient(mta_ip, 25, source=client, ns=topo.client)
+    assert c.read_reply(timeout=5).code == 554
+    c.close()
+    assert accepted(guard) == 2
+    guard.stop()
