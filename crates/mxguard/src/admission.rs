@@ -715,9 +715,12 @@ pub fn snapshot(shared: &Shared) {
     let Some(store) = shared.admission.state.get() else {
         return;
     };
-    let (entries, seq) = shared.lists.dynamic_records_with(|| store.seq());
+    // The log is sealed with the lists held still, then the snapshots are
+    // written while sessions go on appending.
+    let mut compaction = store.compaction();
+    let (entries, seq) = shared.lists.dynamic_records_with(|| compaction.seal());
     let (reputation, trends) = shared.admission.records();
-    if let Err(e) = store.snapshot(entries, seq, &reputation, &trends) {
+    if let Err(e) = compaction.write(entries, seq, &reputation, &trends) {
         tracing::error!("state: snapshot failed: {e}");
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! lists.log        append-only, one JSON line per change, numbered
+//! lists.log.1      the log as it was when a compaction began (only
+//!                  until that compaction's lists.json is on disk)
 //! lists.json       snapshot of the dynamic entries up to a number
 //! reputation.json  snapshot of the scores
 //! trends.json      snapshot of the sender trends
@@ -37,6 +39,20 @@
 //!   `lists.json`, the log keeps what came after. A crash at any point
 //!   leaves a snapshot and a log that together hold every change.
 //! - A torn last line (a crash mid-write) is skipped with a warning.
+//!
+//! # Compaction without stopping the appends
+//!
+//! Detections are appended from the session threads, which must never wait
+//! for a disk. So a compaction does not rewrite the log under its lock: with
+//! the lists held still (the entries it snapshots and the log agree), it
+//! *seals* the log — links it to `lists.log.1` and renames a fresh empty
+//! file over `lists.log`, no fsync — and lets go; appends go on into the
+//! fresh file while the snapshots are written and fsynced, and the sealed
+//! log, all of whose lines the new `lists.json` holds, is removed after.
+//! A start reads `lists.json`, then `lists.log.1` if it is there, then
+//! `lists.log`, applying each change number once. A compaction that fails
+//! leaves `lists.log.1` for the next one, which then does not seal (the
+//! log grows until it succeeds).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -53,6 +69,10 @@ use crate::admission::AdmissionMetrics;
 use crate::lists::{DynamicRecord, ListKind, ListSink};
 
 const LOG: &str = "lists.log";
+/// The log a compaction sealed: removed once its snapshot is on disk.
+const SEALED: &str = "lists.log.1";
+/// The fresh log, until it is renamed over `LOG`.
+const NEXT: &str = "lists.log.next";
 const LISTS: &str = "lists.json";
 const LOCK: &str = "lock";
 const REPUTATION: &str = "reputation.json";
@@ -102,6 +122,14 @@ struct Log {
     seq: u64,
     /// Appended but not yet flushed to disk.
     dirty: bool,
+    /// `lists.log.1` is there (a compaction sealed the log and has not
+    /// yet removed it).
+    sealed: bool,
+    /// Logs sealed so far: a fresh `lists.log` is durable only once the
+    /// directory is synced, which `dir_synced` (the generation last
+    /// synced) says.
+    generation: u64,
+    dir_synced: u64,
 }
 
 /// The open store.
@@ -113,6 +141,11 @@ pub struct StateStore {
     /// two guards writing one directory would clobber each other's
     /// snapshots (seen: an empty `lists.json` that the next start refused).
     _lock: File,
+    /// One compaction at a time (the periodic one, the one at a stop).
+    compacting: Mutex<()>,
+    /// Runs while a compaction writes its snapshots (tests: a slow disk).
+    #[cfg(test)]
+    while_writing: Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
 /// Takes the directory's lock, or says who holds it.
@@ -160,11 +193,18 @@ impl StateStore {
             .collect();
         let mut seq = snapshot.seq;
         let log_path = dir.join(LOG);
-        for line in read_log(&log_path)? {
-            if line.seq() <= snapshot.seq {
+        let sealed_path = dir.join(SEALED);
+        let sealed = sealed_path.exists();
+        // The sealed log, if a compaction did not finish, then the log:
+        // each change once (a crash while sealing can leave both names on
+        // one file), none the snapshot already holds.
+        let mut lines = read_log(&sealed_path)?;
+        lines.extend(read_log(&log_path)?);
+        for line in lines {
+            if line.seq() <= seq {
                 continue;
             }
-            seq = seq.max(line.seq());
+            seq = line.seq();
             match line {
                 LogLine::Add { record, .. } => {
                     entries.insert(canonical_net(record.net), record);
@@ -190,9 +230,15 @@ impl StateStore {
                 file,
                 seq,
                 dirty: false,
+                sealed,
+                generation: 0,
+                dir_synced: 0,
             }),
             metrics,
             _lock: lock,
+            compacting: Mutex::new(()),
+            #[cfg(test)]
+            while_writing: Mutex::new(None),
         });
         Ok((
             store,
@@ -223,6 +269,15 @@ impl StateStore {
             self.metrics.state_errors.inc();
             return Err(format!("{}: {e}", self.dir.join(LOG).display()));
         }
+        // A log sealed a moment ago: its fresh file's name is durable only
+        // with the directory (rare: once per compaction at most).
+        if sync && log.dir_synced < log.generation {
+            if let Err(e) = sync_dir(&self.dir) {
+                self.metrics.state_errors.inc();
+                return Err(e);
+            }
+            log.dir_synced = log.generation;
+        }
         log.seq = seq;
         if sync {
             log.dirty = false;
@@ -242,15 +297,16 @@ impl StateStore {
     /// detection meanwhile). Lines appended during the fsync mark the log
     /// dirty again and go with the next flush.
     pub fn flush(&self) {
-        let file = {
+        let (file, generation) = {
             let mut log = self.log.lock();
             if !log.dirty {
                 return;
             }
+            let unsynced = (log.dir_synced < log.generation).then_some(log.generation);
             match log.file.try_clone() {
                 Ok(file) => {
                     log.dirty = false;
-                    file
+                    (file, unsynced)
                 }
                 Err(e) => {
                     self.metrics.state_errors.inc();
@@ -259,7 +315,16 @@ impl StateStore {
                 }
             }
         };
-        match file.sync_data() {
+        let synced = file.sync_data().map_err(|e| e.to_string()).and_then(|()| {
+            let Some(generation) = generation else {
+                return Ok(());
+            };
+            sync_dir(&self.dir)?;
+            let mut log = self.log.lock();
+            log.dir_synced = log.dir_synced.max(generation);
+            Ok(())
+        });
+        match synced {
             Ok(()) => {
                 self.metrics
                     .state_writes
@@ -274,67 +339,151 @@ impl StateStore {
         }
     }
 
-    /// The last change number written (compaction reads it with the lists
-    /// held still).
-    pub fn seq(&self) -> u64 {
-        self.log.lock().seq
+    /// Starts a compaction (waiting for one under way): seal the log with
+    /// the lists held still ([`Compaction::seal`]), then write the
+    /// snapshots ([`Compaction::write`]).
+    pub fn compaction(&self) -> Compaction<'_> {
+        Compaction {
+            store: self,
+            _one: self.compacting.lock(),
+            sealed_file: None,
+        }
     }
 
-    /// Writes the snapshots and compacts the log: `entries` hold every
-    /// change up to `seq`.
-    pub fn snapshot(
-        &self,
+    /// Makes a fresh, empty `lists.log`, the old one staying as
+    /// `lists.log.1`: a create, a link and a rename, no fsync (called under
+    /// the log's lock). Every step before the rename is undone on failure,
+    /// so the log goes on as it was; a crash in between leaves both names
+    /// on one file, which a start reads once.
+    fn seal(&self, log: &mut Log) -> Result<File, String> {
+        let at = |name: &str| self.dir.join(name);
+        let err = |name: &str, e: std::io::Error| format!("{}: {e}", at(name).display());
+        match std::fs::remove_file(at(NEXT)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(NEXT, e)),
+        }
+        let fresh = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(at(NEXT))
+            .map_err(|e| err(NEXT, e))?;
+        if let Err(e) = std::fs::hard_link(at(LOG), at(SEALED)) {
+            let _ = std::fs::remove_file(at(NEXT));
+            return Err(err(SEALED, e));
+        }
+        if let Err(e) = std::fs::rename(at(NEXT), at(LOG)) {
+            let _ = std::fs::remove_file(at(SEALED));
+            let _ = std::fs::remove_file(at(NEXT));
+            return Err(err(LOG, e));
+        }
+        log.sealed = true;
+        log.generation += 1;
+        log.dirty = false;
+        Ok(std::mem::replace(&mut log.file, fresh))
+    }
+}
+
+/// One compaction of the state store, from [`StateStore::compaction`].
+pub struct Compaction<'a> {
+    store: &'a StateStore,
+    _one: parking_lot::MutexGuard<'a, ()>,
+    /// The log this compaction sealed: synced before the snapshot (its
+    /// last detections may not have been flushed yet).
+    sealed_file: Option<File>,
+}
+
+impl Compaction<'_> {
+    /// Seals the log and returns the last change number: to be called
+    /// while the lists are held still, so that every line of the sealed
+    /// log is in the entries given to [`Compaction::write`]. Quick: the
+    /// log's lock is held for a create, a link and a rename, no fsync.
+    pub fn seal(&mut self) -> u64 {
+        let store = self.store;
+        let mut log = store.log.lock();
+        // A sealed log that is still there (a compaction that failed, a
+        // crash) holds only changes the snapshot about to be written holds
+        // too: it is removed after it, and the log is sealed next time.
+        if !log.sealed {
+            match store.seal(&mut log) {
+                Ok(old) => self.sealed_file = Some(old),
+                Err(e) => {
+                    store.metrics.state_errors.inc();
+                    tracing::warn!("state: cannot seal the log for compaction: {e}");
+                }
+            }
+        }
+        log.seq
+    }
+
+    /// Writes the snapshots (`entries` hold every change up to `seq`),
+    /// then removes the sealed log. Appends go on meanwhile.
+    pub fn write(
+        mut self,
         entries: Vec<DynamicRecord>,
         seq: u64,
         reputation: &[ReputationRecord],
         trends: &[TrendRecord],
     ) -> Result<(), String> {
-        let result = (|| {
-            write_atomic(
-                &self.dir.join(REPUTATION),
-                &serde_json::to_vec(reputation).map_err(|e| e.to_string())?,
-            )?;
-            write_atomic(
-                &self.dir.join(TRENDS),
-                &serde_json::to_vec(trends).map_err(|e| e.to_string())?,
-            )?;
-            let snap = ListsSnapshot { seq, entries };
-            write_atomic(
-                &self.dir.join(LISTS),
-                &serde_json::to_vec(&snap).map_err(|e| e.to_string())?,
-            )?;
-            self.compact(seq)
-        })();
+        let store = self.store;
+        let result = self.write_files(entries, seq, reputation, trends);
         match &result {
-            Ok(()) => self
+            Ok(()) => store
                 .metrics
                 .state_writes
                 .with_label_values(&["snapshot"])
                 .inc(),
-            Err(_) => self.metrics.state_errors.inc(),
+            Err(_) => store.metrics.state_errors.inc(),
         }
         result
     }
 
-    /// Rewrites the log with only the lines after `seq`.
-    fn compact(&self, seq: u64) -> Result<(), String> {
-        let path = self.dir.join(LOG);
-        let mut log = self.log.lock();
-        let rest: Vec<LogLine> = read_log(&path)?
-            .into_iter()
-            .filter(|l| l.seq() > seq)
-            .collect();
-        let mut text = Vec::new();
-        for line in &rest {
-            text.extend(serde_json::to_vec(line).map_err(|e| e.to_string())?);
-            text.push(b'\n');
+    fn write_files(
+        &mut self,
+        entries: Vec<DynamicRecord>,
+        seq: u64,
+        reputation: &[ReputationRecord],
+        trends: &[TrendRecord],
+    ) -> Result<(), String> {
+        let store = self.store;
+        let dir = &store.dir;
+        if let Some(sealed) = self.sealed_file.take() {
+            sealed
+                .sync_data()
+                .map_err(|e| format!("{}: {e}", dir.join(SEALED).display()))?;
         }
-        write_atomic(&path, &text)?;
-        log.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        log.dirty = false;
+        let generation = store.log.lock().generation;
+        sync_dir(dir)?;
+        {
+            let mut log = store.log.lock();
+            log.dir_synced = log.dir_synced.max(generation);
+        }
+        #[cfg(test)]
+        if let Some(hook) = store.while_writing.lock().as_mut() {
+            hook();
+        }
+        write_atomic(
+            &dir.join(REPUTATION),
+            &serde_json::to_vec(reputation).map_err(|e| e.to_string())?,
+        )?;
+        write_atomic(
+            &dir.join(TRENDS),
+            &serde_json::to_vec(trends).map_err(|e| e.to_string())?,
+        )?;
+        let snap = ListsSnapshot { seq, entries };
+        write_atomic(
+            &dir.join(LISTS),
+            &serde_json::to_vec(&snap).map_err(|e| e.to_string())?,
+        )?;
+        if store.log.lock().sealed {
+            match std::fs::remove_file(dir.join(SEALED)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", dir.join(SEALED).display())),
+            }
+            sync_dir(dir)?;
+            store.log.lock().sealed = false;
+        }
         Ok(())
     }
 }
@@ -403,9 +552,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     }
     std::fs::rename(&tmp, path).map_err(err)?;
     if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Makes the directory's entries (a created, renamed or removed file)
+/// durable.
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 #[cfg(test)]
@@ -446,9 +603,14 @@ mod tests {
         let nets: Vec<String> = loaded.entries.iter().map(|r| r.net.to_string()).collect();
         assert_eq!(nets, ["192.0.2.2/32"]);
         // Compaction: the snapshot holds up to seq 3; one more change after.
-        let seq = store.seq();
+        let mut compaction = store.compaction();
+        let seq = compaction.seal();
         store.added(&record("198.51.100.0/24"), true).unwrap();
-        store.snapshot(loaded.entries, seq, &[], &[]).unwrap();
+        compaction.write(loaded.entries, seq, &[], &[]).unwrap();
+        assert!(
+            !dir.join(SEALED).exists(),
+            "the sealed log outlived its snapshot"
+        );
         drop(store);
         let mut log = OpenOptions::new().append(true).open(dir.join(LOG)).unwrap();
         log.write_all(b"{\"op\":\"add\",\"seq\":99,\"net\":\"10.0")
@@ -457,6 +619,136 @@ mod tests {
         let mut nets: Vec<String> = loaded.entries.iter().map(|r| r.net.to_string()).collect();
         nets.sort();
         assert_eq!(nets, ["192.0.2.2/32", "198.51.100.0/24"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn nets(loaded: &Loaded) -> Vec<String> {
+        let mut nets: Vec<String> = loaded.entries.iter().map(|r| r.net.to_string()).collect();
+        nets.sort();
+        nets
+    }
+
+    /// Session threads append detections while a compaction writes its
+    /// snapshots (here on a disk that takes its time): the appends go on
+    /// meanwhile, and every one of them is there after a restart.
+    #[test]
+    fn appends_go_on_during_a_compaction_and_none_is_lost() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::time::Duration;
+        let dir = std::env::temp_dir().join(format!("mxguard-state-comp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _) = StateStore::open(&dir, metrics()).unwrap();
+        // The lists: changed and read under their own lock, which each
+        // change holds while the store appends it (as `Lists` does).
+        let lists: Mutex<Vec<DynamicRecord>> = Mutex::new(Vec::new());
+        let appended = Arc::new(AtomicUsize::new(0));
+        let done = AtomicBool::new(false);
+        let n = 3000;
+        // The disk is slow while a compaction writes: the hook waits for
+        // appends to go on, which they can only if the log is not locked.
+        let went_on = Arc::new(AtomicUsize::new(0));
+        let stalled = Arc::new(AtomicUsize::new(0));
+        *store.while_writing.lock() = Some(Box::new({
+            let (appended, went_on, stalled) = (appended.clone(), went_on.clone(), stalled.clone());
+            move || {
+                let before = appended.load(Ordering::Relaxed);
+                for _ in 0..500 {
+                    if appended.load(Ordering::Relaxed) >= (before + 20).min(n) {
+                        went_on.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                stalled.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        let compactions = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..n {
+                    let r = record(&format!("10.{}.{}.0/24", i / 256, i % 256));
+                    let mut l = lists.lock();
+                    // An admin's change now and then: synced at once.
+                    store.added(&r, i % 500 == 0).unwrap();
+                    l.push(r);
+                    drop(l);
+                    appended.fetch_add(1, Ordering::Relaxed);
+                    // A few compactions over the run, not all in one.
+                    if i % 1000 == 999 {
+                        for _ in 0..5000 {
+                            if compactions.load(Ordering::Relaxed) > i / 1000 {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+            while !done.load(Ordering::Relaxed) {
+                let mut compaction = store.compaction();
+                let (entries, seq) = {
+                    let l = lists.lock();
+                    (l.clone(), compaction.seal())
+                };
+                compaction.write(entries, seq, &[], &[]).unwrap();
+                compactions.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let compactions = compactions.into_inner();
+        assert!(compactions >= 3, "only {compactions} compaction(s) ran");
+        assert_eq!(
+            stalled.load(Ordering::Relaxed),
+            0,
+            "appends waited for a compaction"
+        );
+        assert!(went_on.load(Ordering::Relaxed) >= 1);
+        store.flush();
+        drop(store);
+        let (_, loaded) = StateStore::open(&dir, metrics()).unwrap();
+        assert_eq!(loaded.entries.len(), n, "entries lost across compactions");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A compaction that sealed the log and never wrote its snapshot (a
+    /// crash, a full disk) loses nothing; the next one cleans up after it.
+    #[test]
+    fn a_compaction_cut_short_loses_nothing() {
+        let dir = std::env::temp_dir().join(format!("mxguard-state-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _) = StateStore::open(&dir, metrics()).unwrap();
+        store.added(&record("192.0.2.1/32"), true).unwrap();
+        let mut compaction = store.compaction();
+        compaction.seal();
+        drop(compaction);
+        store.added(&record("192.0.2.2/32"), true).unwrap();
+        assert!(dir.join(SEALED).exists());
+        drop(store);
+        let (store, loaded) = StateStore::open(&dir, metrics()).unwrap();
+        assert_eq!(nets(&loaded), ["192.0.2.1/32", "192.0.2.2/32"]);
+
+        // A crash between the link and the rename: both names on one file.
+        let mut all = std::fs::read(dir.join(SEALED)).unwrap();
+        all.extend(std::fs::read(dir.join(LOG)).unwrap());
+        std::fs::remove_file(dir.join(SEALED)).unwrap();
+        std::fs::write(dir.join(LOG), all).unwrap();
+        std::fs::hard_link(dir.join(LOG), dir.join(SEALED)).unwrap();
+        drop(store);
+        let (store, loaded) = StateStore::open(&dir, metrics()).unwrap();
+        assert_eq!(nets(&loaded), ["192.0.2.1/32", "192.0.2.2/32"]);
+
+        // The next compaction does not seal again; it removes the old one.
+        store.added(&record("192.0.2.3/32"), false).unwrap();
+        let mut compaction = store.compaction();
+        let seq = compaction.seal();
+        compaction.write(loaded.entries, seq - 1, &[], &[]).unwrap();
+        assert!(!dir.join(SEALED).exists());
+        drop(store);
+        let (_, loaded) = StateStore::open(&dir, metrics()).unwrap();
+        assert_eq!(
+            nets(&loaded),
+            ["192.0.2.1/32", "192.0.2.2/32", "192.0.2.3/32"]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
