@@ -3,9 +3,12 @@ own file, reopened on SIGHUP so logrotate can move it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import threading
+import time
 
 from admin_api import api_guard, call, ctl
 from peers import RawClient, make_message, smtplib_send, wait_until
@@ -77,3 +80,58 @@ def test_an_event_log_that_cannot_be_opened_stops_the_start(sink, make_guard, wo
     out = subprocess.run([guard_mod.binary(), "run", "--config", str(guard.config_path)],
                          capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     assert out.returncode != 0 and "/nonexistent-dir" in out.stderr
+
+
+def pregreet_bots(guard, sources):
+    """Bots that talk first, each rejected (554) and closed at once."""
+    for source in sources:
+        bot = RawClient(guard.host, guard.port, source=source)
+        bot.send(b"EHLO bot.example.test\r\n")
+        bot.read_until_closed(timeout=5)
+        bot.close()
+
+
+def test_the_last_verdict_is_in_the_file_after_sigterm(sink, make_guard, workdir):
+    # No state directory: nothing else slows the exit down.
+    path = workdir / "events.jsonl"
+    guard = make_guard(upstream=sink.addr, **{"log.events": str(path), "state.dir": ""})
+    pregreet_bots(guard, [f"127.0.0.{100 + i}" for i in range(5)])
+    smtplib_send(guard.host, guard.port, make_message(), source="127.0.0.99")
+    guard.stop()  # SIGTERM right after the session
+    clients = [e["client"].split(":")[0] for e in read_events(path) if e["type"] == "verdict"]
+    assert sorted(clients) == ["127.0.0.100", "127.0.0.101", "127.0.0.102", "127.0.0.103",
+                               "127.0.0.104", "127.0.0.99"]
+
+
+def test_sigterm_waits_for_a_slow_event_log_to_take_its_last_lines(sink, make_guard, workdir):
+    # A disk that lags: the "file" is a FIFO of one page that nobody reads
+    # until the guard was told to stop. The writer blocks on it with the
+    # last verdicts still queued; the exit must wait for them.
+    path = workdir / "events.fifo"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ
+    guard = make_guard(upstream=sink.addr, **{"log.events": str(path), "state.dir": "",
+                                              "pregreet.block_ttl": "0s"})
+    n = 40  # ~300 bytes a line: far more than a page
+    pregreet_bots(guard, ["127.0.0.2"] * n)
+    guard.wait_metric("mxguard_event_log_lines_total", n, timeout=5, type="verdict")
+
+    got = bytearray()
+
+    def read_after_a_while():
+        time.sleep(0.5)
+        os.set_blocking(reader, True)
+        while chunk := os.read(reader, 65536):  # EOF: the guard closed the file
+            got.extend(chunk)
+
+    t = threading.Thread(target=read_after_a_while)
+    t.start()
+    t0 = time.monotonic()
+    guard.stop()
+    took = time.monotonic() - t0
+    t.join(10)
+    os.close(reader)
+    lines = [json.loads(line) for line in got.decode().splitlines()]
+    assert len([e for e in lines if e["type"] == "verdict"]) == n, f"lines lost at exit (exit took {took:.2f}s)"
+    assert took < 5, "the exit waited longer than the disk did"

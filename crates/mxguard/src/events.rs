@@ -15,6 +15,11 @@
 //! Rotation: `logrotate` renames the file, then SIGHUP (or `POST
 //! /api/v1/reload`) makes the writer reopen the path; no line is lost
 //! across the rename, since the old descriptor stays valid until then.
+//!
+//! At exit ([`EventLog::close`]) the writer is told there is no more and
+//! waited for, a bounded time: the verdicts of the sessions the drain
+//! waited for are the last lines, and a thread still holding them when the
+//! process ends would take them with it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -22,7 +27,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use prometheus::{IntCounter, IntCounterVec};
@@ -46,6 +52,9 @@ struct Writer {
 /// The event log; disabled until [`EventLog::configure`] names a file.
 pub struct EventLog {
     writer: ArcSwapOption<Writer>,
+    /// Writer threads not joined yet: the current one, and any a new path
+    /// replaced that may still be draining.
+    threads: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     lines: IntCounterVec,
     dropped: IntCounter,
 }
@@ -103,6 +112,7 @@ impl EventLog {
     pub fn new(lines: IntCounterVec, dropped: IntCounter) -> Self {
         Self {
             writer: ArcSwapOption::empty(),
+            threads: parking_lot::Mutex::new(Vec::new()),
             lines,
             dropped,
         }
@@ -130,9 +140,14 @@ impl EventLog {
                 let (tx, rx) = mpsc::sync_channel(QUEUE);
                 let owned = path.to_owned();
                 let dropped = self.dropped.clone();
-                std::thread::Builder::new()
+                let thread = std::thread::Builder::new()
                     .name("mxguard-events".into())
                     .spawn(move || write_loop(owned, file, rx, dropped))?;
+                {
+                    let mut threads = self.threads.lock();
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(thread);
+                }
                 // The old writer drains what it has and ends when its
                 // sender goes with the swap.
                 self.writer.store(Some(Arc::new(Writer {
@@ -142,6 +157,37 @@ impl EventLog {
                 Ok(())
             }
         }
+    }
+
+    /// At exit: no more lines are taken; those queued are written and
+    /// flushed, waiting at most `limit` for the writer (a disk that hangs
+    /// must not hold the exit up for good). False when the writer was
+    /// still busy at the limit.
+    pub fn close(&self, limit: Duration) -> bool {
+        // The writer ends once it has drained its queue and the last
+        // sender has gone with this swap (a session's emit holds it only
+        // for a moment).
+        self.writer.store(None);
+        let deadline = tokio::time::Instant::now() + limit;
+        let threads = std::mem::take(&mut *self.threads.lock());
+        let mut done = true;
+        for thread in threads {
+            while !thread.is_finished() && tokio::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                done = false;
+            }
+        }
+        if !done {
+            tracing::warn!(
+                "event log: the writer did not finish within {}s; its last lines may be lost",
+                limit.as_secs()
+            );
+        }
+        done
     }
 
     pub fn enabled(&self) -> bool {
@@ -326,6 +372,54 @@ mod tests {
         assert_eq!(lines[0]["type"], "verdict");
         assert_eq!(lines[0]["tests"][0], "pipelining");
         assert_eq!(read_lines(&rotated, 1).len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Closing waits for the writer: every line queued before is in the
+    /// file when `close` returns, and none is taken after.
+    #[test]
+    fn close_writes_every_queued_line_before_it_returns() {
+        let dir = std::env::temp_dir().join(format!("mxguard-events-close-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let events = log();
+        events.configure(Some(&path)).unwrap();
+        let n = 10_000;
+        for i in 0..n {
+            events.verdict(&VerdictEvent {
+                verdict: "pass",
+                tests: &[],
+                client: format!("192.0.2.1:{i}"),
+                orig_dst: None,
+                elapsed: 0.1,
+                bytes_up: 1,
+                bytes_down: 2,
+                end: "eof",
+                turns: 1,
+                min_gap_ms: None,
+            });
+        }
+        let queued = n - events.dropped.get() as usize;
+        assert!(
+            events.close(Duration::from_secs(10)),
+            "the writer did not finish"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), queued, "lines lost at close");
+        assert!(!events.enabled());
+        events.admin(&AdminEvent {
+            who: "ops",
+            via: "api",
+            action: "reload",
+            target: None,
+            result: "ok",
+            detail: None,
+        });
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().lines().count(),
+            queued
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -436,8 +436,16 @@ pub async fn run(
         );
     }
     crate::admission::stop(&shared);
+    // The drained sessions' verdicts are the event log's last lines: its
+    // writer thread would end with the process, queue and all.
+    let events = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || events.events.close(EVENT_LOG_CLOSE)).await;
     Ok(())
 }
+
+/// How long the exit waits for the event log's writer (a hung disk must
+/// not hold it up for good).
+const EVENT_LOG_CLOSE: Duration = Duration::from_secs(5);
 
 fn join(addrs: &[SocketAddr]) -> String {
     addrs
