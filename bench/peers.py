@@ -159,6 +159,9 @@ class Guard:
             "intercept.upstream": upstream,
             "admin.listen": "",
             "log.level": "warn",
+            # Its own state directory: the default one is locked by any
+            # other guard running on the machine.
+            "state.dir": str(workdir / f"{name}-state"),
             # The load comes from a handful of loopback addresses: per-client
             # limits would measure the limiter, not the guard.
             "admission.enabled": False,

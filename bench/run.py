@@ -296,6 +296,9 @@ def label(path: str) -> str:
         "mxguard-delay": "mxguard, greet delay 100 ms",
         "haproxy": "HAProxy (`mode tcp`)",
         "haproxy-splice": "HAProxy (`mode tcp`, `option splice-auto`)",
+        "direct-conntrack": "direct, connection tracking on",
+        "mxguard-redirect": "mxguard relaying (`nftables.redirect`, no bypass)",
+        "mxguard-bypass": "mxguard, `nftables.bypass_passed`, client passed",
     }.get(path, path)
 
 
@@ -374,6 +377,220 @@ def section_latency(run: Run) -> None:
             f"{fmt(pct(path, 'session_ms', 'p50'), 3)} / {fmt(pct(path, 'session_ms', 'p99'), 3)} | "
             + ("– | – |" if path == "direct" else f"{fmt(added50, 3)} | {fmt(added99, 3)} |"))
     run.latency = results
+    run.sections.append("\n".join(out))
+
+
+# --------------------------------------------------------------------------
+# kernel bypass (nftables.bypass_passed), in network namespaces
+
+
+class BypassNet:
+    """client namespace ── veth ── gateway namespace (smtp-sink on port 25,
+    and the guard owning the REDIRECT to its port): the deployment of
+    docs/deployment.md with the MTA on the gateway."""
+
+    CLIENT, GW = "10.78.1.2", "10.78.1.1"
+    TABLE = "mxguard_bench"
+    GUARD_PORT = 10025
+    ADMIN = "127.0.0.1:9426"
+
+    def __init__(self):
+        tag = f"mxb-{os.getpid()}"
+        self.client, self.gw = f"{tag}-c", f"{tag}-g"
+        self.made: list[str] = []
+        try:
+            for ns in (self.client, self.gw):
+                self.sh("ip", "netns", "add", ns)
+                self.made.append(ns)
+                self.sh("ip", "-n", ns, "link", "set", "lo", "up")
+            self.sh("ip", "-n", self.client, "link", "add", "mxbc0", "type", "veth",
+                    "peer", "name", "mxbg0", "netns", self.gw)
+            for ns, dev, addr in ((self.client, "mxbc0", self.CLIENT), (self.gw, "mxbg0", self.GW)):
+                self.sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+                self.sh("ip", "-n", ns, "link", "set", dev, "up")
+            # 3 x 20,000 connections a path: the ports of the client and
+            # the conntrack entries of the gateway must not run out.
+            self.sh(*self.exec(self.client), "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000",
+                    "net.ipv4.tcp_tw_reuse=1")
+            subprocess.run([*self.exec(self.gw), "sysctl", "-qw",
+                            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"], capture_output=True)
+        except BaseException:
+            self.delete()
+            raise
+
+    @staticmethod
+    def unavailable() -> str | None:
+        if os.geteuid() != 0:
+            return "needs root (network namespaces, nftables)"
+        for tool in ("ip", "nft", "smtp-source", "smtp-sink"):
+            if shutil.which(tool) is None:
+                return f"needs `{tool}`"
+        return None
+
+    @staticmethod
+    def sh(*argv) -> str:
+        out = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(map(str, argv))}: {out.stderr.strip()}")
+        return out.stdout
+
+    @staticmethod
+    def exec(ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def listening(self, port: int) -> bool:
+        return bool(self.sh(*self.exec(self.gw), "ss", "-Htln", f"sport = :{port}").strip())
+
+    def nft(self, *args, check=False, input=None) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.exec(self.gw), "nft", *args], capture_output=True, text=True, timeout=10,
+                              check=check, input=input)
+
+    def drop_table(self) -> None:
+        self.nft("delete", "table", "inet", self.TABLE)
+
+    def guard_metric(self, name: str) -> float:
+        fetch = (f"import urllib.request; print(urllib.request.urlopen("
+                 f"'http://{self.ADMIN}/metrics', timeout=5).read().decode())")
+        text = self.sh(*self.exec(self.gw), sys.executable, "-c", fetch)
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def delete(self) -> None:
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.made = []
+
+
+def guard_bypass_settings(workdir: Path, bypass: bool) -> dict:
+    return {
+        **GUARD_FAST,
+        "hostname": "guard.bench.example",
+        "intercept.mode": "redirect",
+        "intercept.listen": [f"0.0.0.0:{BypassNet.GUARD_PORT}"],
+        "admin.listen": BypassNet.ADMIN,
+        "log.level": "warn",
+        "admission.enabled": False,
+        "senders.enabled": False,
+        "state.dir": str(workdir / "state-bypass"),
+        "nftables.enabled": True,
+        "nftables.table": BypassNet.TABLE,
+        "nftables.batch_interval": "100ms",
+        "nftables.redirect": True,
+        "nftables.redirect_interfaces": ["mxbg0"],
+        "nftables.bypass_passed": bypass,
+    }
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent on anything but idle and iowait."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / peers.TICKS
+
+
+def section_bypass(run: Run) -> None:
+    messages = 300 if run.smoke else 20_000
+    sessions = 20
+    paths = ["direct", "direct-conntrack", "mxguard-redirect", "mxguard-bypass"]
+    heading = ["## Kernel bypass for passed clients", ""]
+    why = BypassNet.unavailable()
+    if why:
+        run.sections.append("\n".join([*heading, f"Not measured: {why}."]))
+        return
+    results: dict = {p: [] for p in paths}
+    net = BypassNet()
+    target = f"{net.GW}:25"
+    source = [*net.exec(net.client), "smtp-source", "-s", sessions, "-m", messages, "-l", 1000,
+              "-f", "bench@example.org", "-t", "sink@example.net", target]
+    try:
+        sink_argv = [*net.exec(net.gw), "smtp-sink", *(["-u", "postfix"] if os.getuid() == 0 else []),
+                     "0.0.0.0:25", "4096"]
+        sink = Proc("bypass-sink", sink_argv, run.workdir)
+        wait_until(lambda: net.listening(25), 10, "smtp-sink listening in the gateway namespace")
+        for r in range(run.runs):
+            for path in paths:
+                run.log(f"bypass: {path} run {r + 1}")
+                guard = None
+                net.drop_table()
+                if path == "direct-conntrack":
+                    # What every path through the guard's table pays in the
+                    # kernel: connection tracking and a nat hook.
+                    net.nft("-f", "-", check=True, input=f"table inet {BypassNet.TABLE} {{\n"
+                            "chain intercept {\ntype nat hook prerouting priority dstnat; policy accept;\n}\n}\n")
+                elif path != "direct":
+                    settings = guard_bypass_settings(run.workdir, bypass=path == "mxguard-bypass")
+                    config = run.workdir / "guard-bypass.toml"
+                    config.write_text(peers.to_toml(settings))
+                    guard = Proc("guard-bypass", [*net.exec(net.gw), run.guard_bin, "run", "--config", config],
+                                 run.workdir)
+                    wait_until(lambda: net.nft("list", "chain", "inet", BypassNet.TABLE, "intercept")
+                               .returncode == 0 or not guard.alive(), 10, "the guard's nat chain")
+                    if not guard.alive():
+                        raise RuntimeError(f"the guard did not start: {guard.stderr()}")
+                    wait_until(lambda: net.listening(BypassNet.GUARD_PORT), 10, "the guard listening")
+                    run.bypass_config = peers.to_toml({k: v for k, v in settings.items()
+                                                       if k.startswith("nftables.")})
+                try:
+                    if path == "mxguard-bypass":
+                        # One session through the guard passes; the
+                        # address goes into passed4.
+                        BypassNet.sh(*source[:5], "-s", 1, "-m", 1, *source[9:])
+                        wait_until(lambda: net.CLIENT in net.nft("list", "set", "inet", BypassNet.TABLE,
+                                                                 "passed4").stdout,
+                                   10, "the client in the passed set")
+                    time.sleep(0.3)
+                    accepted0 = net.guard_metric("mxguard_connections_accepted_total") if guard else 0.0
+                    cpu0 = cpu_seconds(guard.pid) if guard else 0.0
+                    busy0 = machine_busy_seconds()
+                    t = time.monotonic()
+                    BypassNet.sh(*source)
+                    took = time.monotonic() - t
+                    busy = machine_busy_seconds() - busy0
+                    cpu = cpu_seconds(guard.pid) - cpu0 if guard else None
+                    accepted = (net.guard_metric("mxguard_connections_accepted_total") - accepted0
+                                if guard else None)
+                finally:
+                    if guard:
+                        guard.stop()
+                    net.drop_table()
+                results[path].append({
+                    "rate": messages / took,
+                    "cpu_us": cpu / messages * 1e6 if cpu is not None else None,
+                    "machine_us": busy / messages * 1e6,
+                    "accepted": accepted,
+                })
+        sink.stop()
+    finally:
+        net.delete()
+    run.command(["smtp-source", "-s", sessions, "-m", messages, "-l", 1000, "-f", "bench@example.org",
+                 "-t", "sink@example.net", "10.78.1.1:25  # in the client namespace"])
+    direct = median([x["rate"] for x in results["direct"]])
+    out = [*heading,
+           f"`smtp-source -s {sessions} -m {messages:,} -l 1000` in a client network namespace, over a "
+           "veth pair, to port 25 of a gateway namespace where `smtp-sink` listens: directly (no "
+           "nftables rule at all); directly with connection tracking on (an empty nat chain in the "
+           "gateway namespace: what any path through the guard's table pays in the kernel); through the guard, which owns the REDIRECT (`nftables.redirect`, "
+           "port 25 on the veth → its port; greet delay 0, no challenge); and with "
+           "`nftables.bypass_passed`, after one session from the client's address has passed, so its "
+           "address is in `passed4` and the kernel sends its connections straight to `smtp-sink`. "
+           "Sessions through the guard: connections the guard accepted during the measured run. "
+           "Guard CPU per message: CPU of the guard process / messages; machine CPU per message: "
+           "busy time of all CPUs (/proc/stat) / messages, which includes smtp-source, smtp-sink, the "
+           "kernel and anything else running on the machine.",
+           "",
+           "| path | messages/s | vs direct | sessions through the guard | guard CPU per message (µs) | "
+           "machine CPU per message (µs) |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        rows = results[path]
+        rate = median([x["rate"] for x in rows])
+        cpu = median([x["cpu_us"] for x in rows]) if path.startswith("mxguard") else None
+        acc = median([x["accepted"] for x in rows]) if path.startswith("mxguard") else None
+        out.append(f"| {label(path)} | {fmt(rate)} | {ratio(rate, direct)} | "
+                   f"{'–' if acc is None else fmt(acc)} | {'–' if cpu is None else fmt(cpu, 1)} | "
+                   f"{fmt(median([x['machine_us'] for x in rows]), 1)} |")
+    out += ["", f"Runs per figure: {run.runs} (median), interleaved (each path once per round)."]
+    run.bypass = results
     run.sections.append("\n".join(out))
 
 
@@ -555,6 +772,9 @@ def write_report(run: Run, out: Path, started: str, load_before: str) -> None:
                     if k.startswith(("postscreen", "default_process", "smtpd_client", "mynetworks"))], "```"]
     if getattr(run, "haproxy_config", None):
         parts += ["", "HAProxy, held sessions:", "", "```", run.haproxy_config.strip(), "```"]
+    if getattr(run, "bypass_config", None):
+        parts += ["", "mxguard, kernel bypass (with the rate settings below, `intercept.mode = \"redirect\"`):",
+                  "", "```toml", run.bypass_config.strip(), "```"]
     parts += ["", "The other runs: the MTA stand-ins are `smtp-sink -u postfix ADDR 4096` (rate, latency) "
               "and `mxbench sink --listen ADDR` (bulk); HAProxy is `haproxy -db -f CFG` with the held "
               "config less the inspect delay (`maxconn 4000`), plus `option splice-auto` in the frontend "
@@ -614,6 +834,14 @@ def section_targets(run: Run) -> None:
                 hap = median([x["cpu_s_per_gb"] for x in bulk[(size, "haproxy-splice")]])
                 row(f"splice: less CPU per GB than HAProxy with splice ({size // 1_000_000} MB)",
                     f"{fmt(cpu, 2)} vs {fmt(hap, 2)} s/GB", cpu < hap)
+    bypass = getattr(run, "bypass", None)
+    if bypass:
+        direct = median([x["rate"] for x in bypass["direct"]])
+        through = median([x["rate"] for x in bypass["mxguard-bypass"]])
+        tracked = median([x["rate"] for x in bypass["direct-conntrack"]])
+        row("… for passed clients, with `nftables.bypass_passed` (namespaces, no greet delay)",
+            f"{ratio(through, direct)} of direct ({fmt(through)} vs {fmt(direct)}/s); "
+            f"{ratio(through, tracked)} of direct with conntrack on ({fmt(tracked)}/s)", through >= 0.9 * direct)
     lat = getattr(run, "latency", None)
     if lat:
         added = median([x["session_ms"]["p99"] - d["session_ms"]["p99"]
@@ -631,6 +859,7 @@ SECTIONS = {
     "rate": section_rate,
     "latency": section_latency,
     "bulk": section_bulk,
+    "bypass": section_bypass,
     "micro": section_micro,
 }
 
@@ -644,7 +873,7 @@ def main() -> int:
     args = ap.parse_args()
     run = Run(args)
     only = [s for s in args.only.split(",") if s] or (
-        ["held", "rate", "latency", "bulk"] if args.smoke else list(SECTIONS))
+        ["held", "rate", "latency", "bulk", "bypass"] if args.smoke else list(SECTIONS))
     for binary in (run.guard_bin, run.mxbench):
         if not os.access(binary, os.X_OK):
             print(f"missing {binary}: build it first (make bench does)", file=sys.stderr)

@@ -27,7 +27,7 @@ def test_the_benchmark_suite_runs_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = out.read_text()
     for heading in ("## Machine", "## Held sessions", "## Connection rate", "## Added latency",
-                    "## Bulk throughput", "## Targets", "## Commands"):
+                    "## Bulk throughput", "## Kernel bypass for passed clients", "## Targets", "## Commands"):
         assert heading in report, f"{heading} missing:\n{report}"
     # Every server held all of the smoke run's sessions.
     held = re.findall(r"^\| 100 \| (\S+) \| (\S+) \|", report, re.M)
@@ -36,3 +36,11 @@ def test_the_benchmark_suite_runs_end_to_end(tmp_path):
     for path in ("direct", "HAProxy (`mode tcp`, `option splice-auto`)", "mxguard splice"):
         assert path in report
     assert "n/a | n/a | n/a" not in report.split("## Commands")[0].split("## Bulk")[1]
+    # The kernel bypass (namespaces, root and nft): no session of the
+    # measured run went through the guard, every one of the relayed run did.
+    bypass = report.split("## Kernel bypass for passed clients")[1].split("\n## ")[0]
+    if "Not measured" not in bypass:
+        assert re.search(r"^\| mxguard, `nftables.bypass_passed`, client passed \| [\d,]+ \| \S+ \| 0 \| ", bypass,
+                         re.M), bypass
+        assert re.search(r"^\| mxguard relaying \(`nftables.redirect`, no bypass\) \| [\d,]+ \| \S+ \| 300 \| ",
+                         bypass, re.M), bypass
