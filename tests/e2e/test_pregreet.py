@@ -13,7 +13,7 @@ import time
 import pytest
 
 from guard import observe_every_other_test
-from peers import RawClient, ScriptedUpstream, lf, make_message, smtplib_send, strip_trace_headers, swaks, wait_until
+from peers import RawClient, ScriptedUpstream, SmtpSink, lf, make_message, smtplib_send, strip_trace_headers, swaks, wait_until
 
 EHLO = b"EHLO bot.example.test\r\n"
 
@@ -237,3 +237,30 @@ def test_a_bot_sending_a_whole_transaction_never_reaches_postfix(mta, make_guard
     assert strip_trace_headers(mta.wait_for(ham.token)) == lf(ham.data)
     assert mta.find(spam.token) == []
     assert mta.connects() == 1, "Postfix logged exactly one connection: the good client's\n" + mta.log()
+
+
+def test_an_allowlisted_client_that_talks_first_is_relayed_not_rejected(workdir, make_guard):
+    # An MTA that takes a second to greet: the allowlisted client's whole
+    # transaction is in before the banner, as a partner's pipelining relay
+    # (or one that does not wait for the banner) sends it. Allowlisted means
+    # no test at all (postscreen's permit): it goes to the MTA as it came.
+    sink = SmtpSink(workdir, name="slow-sink", extra=("-W", "CONNECT:1"))
+    guard = make_guard(upstream=sink.addr, **{"allowlist.networks": ["127.0.0.8/32"],
+                                              "greet.delay": "2s", "pregreet.action": "reject"})
+    msg = make_message()
+    client = RawClient(guard.host, guard.port, source="127.0.0.8")
+    client.send(whole_transaction(msg))
+    replies = [client.read_reply(timeout=5) for _ in range(6)]
+    assert [r.code for r in replies] == [220, 250, 250, 250, 354, 250], replies
+    assert b"sink.example.test" in replies[0].lines[0], "the MTA's own banner"
+    assert replies[0].at > 0.8, "the MTA's banner came late: the client spoke first"
+    client.read_until_closed(timeout=5)
+    client.close()
+    stored = sink.wait_messages(1)
+    assert stored[0].content == lf(msg.data)
+
+    v = guard.wait_verdict("127.0.0.8")
+    assert v["verdict"] == "pass" and v["test"] == "allowlist", v
+    assert guard.metric("mxguard_detections_total", test="pregreet") == 0
+    # Not blocklisted either: the address comes back and is served.
+    assert "PREGREET" not in guard.log()

@@ -319,7 +319,9 @@ async fn drive<'s>(
             delay: config.admission.tarpit_greet_delay.0,
             ..Hold::from(&config.greet)
         }
-    } else if allowed || known {
+    } else if allowed {
+        Hold::allowlisted()
+    } else if known {
         Hold::none()
     } else {
         Hold::from(&config.greet)
@@ -603,6 +605,10 @@ struct Hold {
     challenge: bool,
     eager: bool,
     lead: Duration,
+    /// The greeting's tests apply. Not for an allowlisted client: what it
+    /// sends before the banner goes to the MTA after it, unjudged
+    /// (postscreen's permit skips every test).
+    tested: bool,
 }
 
 impl Hold {
@@ -624,6 +630,15 @@ impl Hold {
             challenge: false,
             eager: true,
             lead: Duration::ZERO,
+            tested: true,
+        }
+    }
+
+    /// No delay, no challenge, no test.
+    fn allowlisted() -> Self {
+        Self {
+            tested: false,
+            ..Self::none()
         }
     }
 
@@ -633,6 +648,7 @@ impl Hold {
             challenge: greet.challenge,
             eager: greet.upstream_connect == UpstreamConnect::Eager,
             lead: greet.connect_lead.0,
+            tested: true,
         }
     }
 }
@@ -789,7 +805,7 @@ async fn greet(
             }));
         }
         let keep_reading = client_open && early.len() < EARLY_BUFFER_MAX;
-        let observe = !config.pregreet.action.ends_session();
+        let observe = !hold.tested || !config.pregreet.action.ends_session();
         let read = if upstream.settled() && now >= deadline {
             // The greeting is about to leave. Bytes the client sent before
             // this instant are early talk even when the runtime has not yet
@@ -847,6 +863,9 @@ async fn greet(
             }
             ClientRead::Early { n, event, tls } => {
                 record.bytes_up += n as u64;
+                if !hold.tested {
+                    continue;
+                }
                 if tls {
                     // A real sender set up for implicit TLS speaks
                     // first with a ClientHello: its own test, not a
@@ -961,7 +980,7 @@ async fn greet(
         record.fired("upstream");
         return GreetEnd::Over(quit);
     }
-    let action = if watch.current().is_some() {
+    let action = if hold.tested && watch.current().is_some() {
         config.pregreet.action
     } else {
         Action::Observe
@@ -1316,6 +1335,7 @@ mod tests {
             challenge: true,
             eager: true,
             lead: Duration::ZERO,
+            tested: true,
         };
         let race = async {
             // The guard connects at once (eager); the MTA takes it from its
