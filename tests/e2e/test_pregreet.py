@@ -264,3 +264,25 @@ def test_an_allowlisted_client_that_talks_first_is_relayed_not_rejected(workdir,
     assert guard.metric("mxguard_detections_total", test="pregreet") == 0
     # Not blocklisted either: the address comes back and is served.
     assert "PREGREET" not in guard.log()
+
+
+@pytest.mark.parametrize("action", ["reject", "drop"])
+def test_an_early_talker_ended_in_the_greeting_leaves_postfix_a_clean_quit(mta, make_guard, action):
+    # The MTA is connected at accept (eager) and the bot speaks at once: it
+    # is ended before Postfix's banner is in. A QUIT sent then would be a
+    # command before the greeting (Postfix: "improper command pipelining
+    # after CONNECT", a bot's mark; 3.9 refuses it), and a close without
+    # one "lost connection after CONNECT": the banner is read first, then
+    # QUIT, and Postfix logs a plain disconnect.
+    guard = make_guard(upstream=mta.addr, **{"greet.upstream_connect": "eager", "greet.delay": "2s",
+                                            "pregreet.action": action, "pregreet.block_ttl": "0s"})
+    for _ in range(3):
+        bot = RawClient(guard.host, guard.port, source="127.0.0.2")
+        bot.send(EHLO)
+        bot.read_until_closed(timeout=5)
+        bot.close()
+    guard.wait_metric("mxguard_detections_total", 3, test="pregreet")
+    mta.wait_log(r"disconnect from \S+ .*quit=1 commands=1", count=3, timeout=10)
+    log = mta.log()
+    assert "improper command pipelining" not in log, log
+    assert "lost connection" not in log, log
