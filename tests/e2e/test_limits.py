@@ -128,3 +128,67 @@ def test_admin_listener_out_of_descriptors_backs_off_quietly_and_recovers(sink, 
     assert guard.metric("mxguard_accept_errors_total", kind="emfile") > 0
     guard.assert_no_panic()
     assert guard.alive()
+
+
+def flood(port: int, n: int, first: int = 0) -> list[socket.socket]:
+    """n connections that complete in the kernel's backlog, from many addresses."""
+    out = []
+    for i in range(first, first + n):
+        s = socket.socket()
+        s.settimeout(3)
+        s.bind((f"127.0.{1 + i // 200}.{10 + i % 200}", 0))
+        s.connect(("127.0.0.1", port))
+        out.append(s)
+    return out
+
+
+def heard_421(socks: list[socket.socket]) -> int:
+    n = 0
+    for s in socks:
+        try:
+            n += s.recv(200).startswith(b"421 4.3.2 ")
+        except (socket.timeout, ConnectionError):
+            pass
+    return n
+
+
+def test_every_session_thread_keeps_its_spare_descriptor_through_floods(sink, make_guard):
+    # Four session threads share the process's descriptor table. A spare
+    # one thread closes to turn a client away must not be taken by another
+    # thread's accept (a session that then holds it for the greet delay):
+    # each loss was for good, until no thread could answer the backlog.
+    guard = make_guard(upstream=sink.addr, **{"greet.delay": "30s", "intercept.workers": 4})
+    subprocess.run(["prlimit", "--pid", str(guard.pid), f"--nofile={FD_LIMIT}:{FD_LIMIT}"], check=True)
+
+    held = flood(guard.port, FD_LIMIT + 20)
+    assert heard_421(held[-10:]) >= 5, "the first overflow was not turned away"
+    # The flood goes on while every descriptor is taken: wave after wave,
+    # the backlog is still answered.
+    for wave in range(5):
+        time.sleep(0.3)
+        socks = flood(guard.port, 20, first=200 + 20 * wave)
+        held += socks
+        got = heard_421(socks)
+        assert got >= 15, f"wave {wave}: only {got} of 20 heard 421 (spares lost)"
+
+    before = cpu_seconds(guard.pid)
+    time.sleep(1.0)
+    spent = cpu_seconds(guard.pid) - before
+    assert spent < 0.5, f"{spent:.2f}s of CPU in 1s while out of descriptors: spinning"
+
+    for s in held:
+        s.close()
+    wait_until(lambda: guard.metric("mxguard_sessions_active", phase="greet") == 0, 20, "the backlog drained")
+    msg = make_message()
+    smtplib_send("127.0.0.1", guard.port, msg, source="127.0.0.3")
+    assert sink.wait_messages(1)[-1].content == lf(msg.data)
+
+    # A second flood: every thread has its spare back.
+    held = flood(guard.port, FD_LIMIT + 20, first=400)
+    socks = flood(guard.port, 20, first=600)
+    got = heard_421(socks)
+    for s in held + socks:
+        s.close()
+    assert got >= 15, f"after the first flood only {got} of 20 heard 421"
+    guard.assert_no_panic()
+    assert guard.alive()

@@ -538,8 +538,14 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        // A spare lost to another thread (see `Spare`) is taken back before
+        // a session takes the descriptor that came free.
+        spare.refill();
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = std::future::poll_fn(|cx| {
+                let _turning_away = TURNING_AWAY.read();
+                listener.poll_accept(cx)
+            }) => accepted,
             _ = shutdown.changed() => return,
         };
         match accepted {
@@ -558,7 +564,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 if accept_failed(&shared, &e) {
-                    spare.turn_away(&listener, &shared).await;
+                    spare.turn_away(&listener, &shared);
                 }
                 let pause = if spare.is_open() { 5 } else { 50 };
                 tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -572,7 +578,21 @@ async fn accept_loop(
 /// spare lets us accept it, tell it `421` (it retries later, as a real MTA
 /// does) and close it, then take the spare back (the trick nginx and libev
 /// use).
+///
+/// Each accept loop (one per listener per session thread) has its own, but
+/// the descriptor table is the process's: the slot a spare frees could be
+/// taken by another thread's accept, whose session would then hold it for
+/// its greet delay, and the spare was lost for good (seen: after a few
+/// waves of a flood no thread could answer its backlog). So a turn-away
+/// (close, accept, answer, close, reopen: no await, a few system calls)
+/// holds [`TURNING_AWAY`] for writing, which every accept loop's accept
+/// holds for reading. Whatever else takes the slot meanwhile (an upstream
+/// connect, a pipe) is a session's own need; the spare is then refilled
+/// before the loop's next accept, once a descriptor frees.
 struct Spare(Option<std::fs::File>);
+
+/// Accepts read-lock it, a turn-away write-locks it (see [`Spare`]).
+static TURNING_AWAY: parking_lot::RwLock<()> = parking_lot::RwLock::new(());
 
 impl Spare {
     fn open() -> Self {
@@ -583,16 +603,27 @@ impl Spare {
         self.0.is_some()
     }
 
-    async fn turn_away(&mut self, listener: &TcpListener, shared: &Shared) {
+    /// Reopens a spare that was lost (one open(2) per accept while it is).
+    fn refill(&mut self) {
+        if self.0.is_none() {
+            *self = Self::open();
+        }
+    }
+
+    fn turn_away(&mut self, listener: &TcpListener, shared: &Shared) {
+        let _accepts_wait = TURNING_AWAY.write();
         if self.0.take().is_none() {
             *self = Self::open();
             return;
         }
-        let accepted = tokio::time::timeout(Duration::from_millis(5), listener.accept()).await;
-        if let Ok(Ok((stream, _peer))) = accepted {
+        // The listener is non-blocking: this never waits. The accepted
+        // socket is blocking, but a reply of a few dozen bytes fits the
+        // empty send buffer of a new connection.
+        if let Ok((stream, _peer)) = socket2::SockRef::from(listener).accept() {
             let hostname = shared.runtime.load().config.hostname.clone();
             let reply = format!("421 4.3.2 {hostname} All server ports are busy\r\n");
-            let _ = stream.try_write(reply.as_bytes());
+            let _ = stream.set_nonblocking(true);
+            let _ = stream.send(reply.as_bytes());
             shared
                 .metrics
                 .connections
