@@ -18,14 +18,17 @@
 //! block is pushed again at start (the kernel sets do not survive a
 //! reboot; the state store does).
 //!
-//! With `redirect = true` the table also holds the interception: a nat
-//! chain redirecting new connections to `ports` that come in on
-//! `redirect_interfaces` to the guard's listen port, and, before it, a
-//! prerouting chain dropping blocked addresses by the port they asked for
-//! (after REDIRECT the port is the guard's, which the input chain does not
-//! list). The guard must own the redirect for the bypass: an `accept` in
-//! one nat chain ends that chain only, and another table's REDIRECT at the
-//! same hook still takes the connection.
+//! With `redirect = true` the table holds the interception instead of the
+//! input chain: one nat chain that drops blocked addresses' new
+//! connections to `ports` (by the port they asked for: after REDIRECT the
+//! port is the guard's), then redirects those that come in on
+//! `redirect_interfaces` to the guard's listen port. A nat chain sees only
+//! a connection's first packet, so the established ones, guarded or
+//! bypassed, pay for no rule at all (filter chains in prerouting and input
+//! cost ~10 µs per small SMTP session here, `bench/analysis.md`). The
+//! guard must own the redirect for the bypass: an `accept` in one nat
+//! chain ends that chain only, and another table's REDIRECT at the same
+//! hook still takes the connection.
 //!
 //! With `bypass_passed = true` the pass cache has a kernel copy, the sets
 //! `passed4`/`passed6`: a client that passed is added with the pass's TTL
@@ -118,42 +121,42 @@ impl Nft {
                  \tset passed6 { type ipv6_addr; flags timeout; }\n",
             );
         }
-        out.push_str(&format!(
-            "\tchain input {{\n\
-             \t\ttype filter hook input priority -10; policy accept;\n\
-             \t\tip saddr @blocked4 tcp dport {{ {ports} }} drop\n\
-             \t\tip6 saddr @blocked6 tcp dport {{ {ports} }} drop\n\
-             \t}}\n"
-        ));
-        if let (true, Some(guard_port)) = (config.redirect, guard_port) {
-            let ifs = config
-                .redirect_interfaces
-                .iter()
-                .map(|i| format!("\"{i}\""))
-                .collect::<Vec<_>>()
-                .join(", ");
-            // Before the nat chain (dstnat - 10): the port is still the
-            // one the client asked for, and a blocked client's SYN goes
-            // no further, whatever the redirect or the bypass would do.
-            out.push_str(&format!(
-                "\tchain prerouting {{\n\
-                 \t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
-                 \t\tip saddr @blocked4 tcp dport {{ {ports} }} drop\n\
-                 \t\tip6 saddr @blocked6 tcp dport {{ {ports} }} drop\n\
-                 \t}}\n\
-                 \tchain intercept {{\n\
-                 \t\ttype nat hook prerouting priority dstnat; policy accept;\n"
-            ));
-            if config.bypass_passed {
+        let drops = format!(
+            "\t\tip saddr @blocked4 tcp dport {{ {ports} }} drop\n\
+             \t\tip6 saddr @blocked6 tcp dport {{ {ports} }} drop\n"
+        );
+        match (config.redirect, guard_port) {
+            (true, Some(guard_port)) => {
+                let ifs = config
+                    .redirect_interfaces
+                    .iter()
+                    .map(|i| format!("\"{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                // The drops first, on every interface, before the bypass
+                // and the redirect: a blocked client's SYN goes no further.
                 out.push_str(&format!(
-                    "\t\tiifname {{ {ifs} }} ip saddr @passed4 tcp dport {{ {ports} }} accept\n\
-                     \t\tiifname {{ {ifs} }} ip6 saddr @passed6 tcp dport {{ {ports} }} accept\n"
+                    "\tchain intercept {{\n\
+                     \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+                     {drops}"
+                ));
+                if config.bypass_passed {
+                    out.push_str(&format!(
+                        "\t\tiifname {{ {ifs} }} ip saddr @passed4 tcp dport {{ {ports} }} accept\n\
+                         \t\tiifname {{ {ifs} }} ip6 saddr @passed6 tcp dport {{ {ports} }} accept\n"
+                    ));
+                }
+                out.push_str(&format!(
+                    "\t\tiifname {{ {ifs} }} tcp dport {{ {ports} }} redirect to :{guard_port}\n\
+                     \t}}\n"
                 ));
             }
-            out.push_str(&format!(
-                "\t\tiifname {{ {ifs} }} tcp dport {{ {ports} }} redirect to :{guard_port}\n\
+            _ => out.push_str(&format!(
+                "\tchain input {{\n\
+                 \t\ttype filter hook input priority -10; policy accept;\n\
+                 {drops}\
                  \t}}\n"
-            ));
+            )),
         }
         out.push_str("}\n");
         out
@@ -535,9 +538,19 @@ mod tests {
              add element inet mxguard blocked6 { 2001:db8::1 }\n"
         );
         let table = Nft::table_script(&config, Some(10025));
-        assert!(
-            table.contains("ip saddr @blocked4 tcp dport { 25 } drop"),
-            "{table}"
+        assert_eq!(
+            table,
+            "add table inet mxguard\n\
+             delete table inet mxguard\n\
+             table inet mxguard {\n\
+             \tset blocked4 { type ipv4_addr; flags timeout; }\n\
+             \tset blocked6 { type ipv6_addr; flags timeout; }\n\
+             \tchain input {\n\
+             \t\ttype filter hook input priority -10; policy accept;\n\
+             \t\tip saddr @blocked4 tcp dport { 25 } drop\n\
+             \t\tip6 saddr @blocked6 tcp dport { 25 } drop\n\
+             \t}\n\
+             }\n"
         );
         assert!(
             !table.contains("passed") && !table.contains("redirect"),
@@ -568,18 +581,10 @@ mod tests {
              \tset blocked6 { type ipv6_addr; flags timeout; }\n\
              \tset passed4 { type ipv4_addr; flags timeout; }\n\
              \tset passed6 { type ipv6_addr; flags timeout; }\n\
-             \tchain input {\n\
-             \t\ttype filter hook input priority -10; policy accept;\n\
-             \t\tip saddr @blocked4 tcp dport { 25, 587 } drop\n\
-             \t\tip6 saddr @blocked6 tcp dport { 25, 587 } drop\n\
-             \t}\n\
-             \tchain prerouting {\n\
-             \t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
-             \t\tip saddr @blocked4 tcp dport { 25, 587 } drop\n\
-             \t\tip6 saddr @blocked6 tcp dport { 25, 587 } drop\n\
-             \t}\n\
              \tchain intercept {\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             \t\tip saddr @blocked4 tcp dport { 25, 587 } drop\n\
+             \t\tip6 saddr @blocked6 tcp dport { 25, 587 } drop\n\
              \t\tiifname { \"eth0\", \"wan*\" } ip saddr @passed4 tcp dport { 25, 587 } accept\n\
              \t\tiifname { \"eth0\", \"wan*\" } ip6 saddr @passed6 tcp dport { 25, 587 } accept\n\
              \t\tiifname { \"eth0\", \"wan*\" } tcp dport { 25, 587 } redirect to :10025\n\
@@ -598,6 +603,7 @@ mod tests {
             !plain.contains("passed") && !plain.contains("accept\n"),
             "{plain}"
         );
+        assert!(!plain.contains("chain input"), "{plain}");
         assert!(
             plain.contains("tcp dport { 25, 587 } redirect to :10025"),
             "{plain}"
