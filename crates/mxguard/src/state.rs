@@ -648,11 +648,21 @@ mod tests {
         // appends to go on, which they can only if the log is not locked.
         let went_on = Arc::new(AtomicUsize::new(0));
         let stalled = Arc::new(AtomicUsize::new(0));
+        // The appender pauses between waves (below): no append to wait for.
+        let pausing = Arc::new(AtomicBool::new(false));
         *store.while_writing.lock() = Some(Box::new({
-            let (appended, went_on, stalled) = (appended.clone(), went_on.clone(), stalled.clone());
+            let (appended, went_on, stalled, pausing) = (
+                appended.clone(),
+                went_on.clone(),
+                stalled.clone(),
+                pausing.clone(),
+            );
             move || {
                 let before = appended.load(Ordering::Relaxed);
                 for _ in 0..500 {
+                    if pausing.load(Ordering::Relaxed) {
+                        return;
+                    }
                     if appended.load(Ordering::Relaxed) >= (before + 20).min(n) {
                         went_on.fetch_add(1, Ordering::Relaxed);
                         return;
@@ -675,12 +685,14 @@ mod tests {
                     appended.fetch_add(1, Ordering::Relaxed);
                     // A few compactions over the run, not all in one.
                     if i % 1000 == 999 {
+                        pausing.store(true, Ordering::Relaxed);
                         for _ in 0..5000 {
                             if compactions.load(Ordering::Relaxed) > i / 1000 {
                                 break;
                             }
                             std::thread::sleep(Duration::from_millis(1));
                         }
+                        pausing.store(false, Ordering::Relaxed);
                     }
                 }
                 done.store(true, Ordering::Relaxed);
