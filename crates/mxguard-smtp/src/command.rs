@@ -146,9 +146,14 @@ pub fn foreign(line_start: &[u8]) -> Option<Foreign> {
     if line_start.len() >= 2 && line_start[0] == 0x16 && line_start[1] == 0x03 {
         return Some(Foreign::TlsHandshake);
     }
-    let is_http = HTTP_PREFIXES
-        .iter()
-        .any(|p| line_start.len() >= p.len() && line_start[..p.len()].eq_ignore_ascii_case(p));
+    // Every command goes through here: one byte compared per prefix, the
+    // whole prefix only when the first letter matches.
+    let first = line_start.first()?.to_ascii_uppercase();
+    let is_http = HTTP_PREFIXES.iter().any(|p| {
+        p[0] == first
+            && line_start.len() >= p.len()
+            && line_start[..p.len()].eq_ignore_ascii_case(p)
+    });
     is_http.then_some(Foreign::Http)
 }
 

@@ -24,6 +24,9 @@ pub enum InterceptError {
     /// gone).
     #[error("no original destination: {0}")]
     Unknown(io::Error),
+    /// The accepted socket has no local address any more (reset already).
+    #[error("accepted connection gone: {0}")]
+    Gone(io::Error),
 }
 
 pub trait OriginalDestination: Send + Sync {
@@ -41,6 +44,11 @@ pub trait OriginalDestination: Send + Sync {
     fn dst_is_local_addr(&self) -> bool {
         false
     }
+
+    /// The one destination of every connection, whatever its addresses.
+    fn fixed(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// One configured MTA.
@@ -49,6 +57,10 @@ pub struct Fixed(pub SocketAddr);
 impl OriginalDestination for Fixed {
     fn original_dst(&self, _: &TcpStream, _: SocketAddr) -> io::Result<SocketAddr> {
         Ok(self.0)
+    }
+
+    fn fixed(&self) -> Option<SocketAddr> {
+        Some(self.0)
     }
 }
 
@@ -94,12 +106,21 @@ pub fn from_config(config: &Config) -> Box<dyn OriginalDestination> {
 
 /// Resolves the destination and refuses loops: a connection made straight
 /// to one of our listeners (not diverted to it) would be proxied to itself.
+///
+/// A fixed upstream is a loop or not whatever the connection: its answer
+/// needs no system call (`getsockname`) per connection.
 pub fn resolve(
     intercept: &dyn OriginalDestination,
     accepted: &TcpStream,
-    local: SocketAddr,
     listeners: &[SocketAddr],
 ) -> Result<SocketAddr, InterceptError> {
+    if let Some(dst) = intercept.fixed() {
+        if is_loop(dst, listeners, &is_local_ip) {
+            return Err(InterceptError::Loop(dst));
+        }
+        return Ok(dst);
+    }
+    let local = accepted.local_addr().map_err(InterceptError::Gone)?;
     let dst = intercept
         .original_dst(accepted, local)
         .map_err(InterceptError::Unknown)?;
@@ -227,6 +248,26 @@ mod tests {
             &local_if_loopback
         ));
         assert!(same(a("[::ffff:127.0.0.1]:2525"), a("127.0.0.1:2525")));
+    }
+
+    #[tokio::test]
+    async fn a_fixed_upstream_is_resolved_without_the_local_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(ours), listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        let _connected = connected.unwrap();
+        let mta = a("127.0.0.1:2525");
+        assert_eq!(resolve(&Fixed(mta), &accepted, &[ours]).ok(), Some(mta));
+        // The upstream is the guard's own listener: every connection loops.
+        assert!(matches!(
+            resolve(&Fixed(ours), &accepted, &[ours]),
+            Err(InterceptError::Loop(dst)) if dst == ours
+        ));
+        assert!(matches!(
+            resolve(&Fixed(a("127.0.0.9:4000")), &accepted, &[a("0.0.0.0:4000")]),
+            Err(InterceptError::Loop(_))
+        ));
     }
 
     #[test]

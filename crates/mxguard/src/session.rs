@@ -213,9 +213,8 @@ fn finish(shared: &Shared, runtime: &Runtime, record: Record<'_>, started: Insta
             min_gap_ms: record.min_gap.map(|g| g.as_micros() as f64 / 1000.0),
         });
     }
-    let orig_dst = record
-        .orig_dst
-        .map_or_else(|| "-".to_string(), |a| a.to_string());
+    // Formatted only if the line is written.
+    let orig_dst = OrDash(record.orig_dst);
     tracing::info!(
         target: "mxguard::session",
         verdict = %record.verdict,
@@ -232,6 +231,18 @@ fn finish(shared: &Shared, runtime: &Runtime, record: Record<'_>, started: Insta
     );
 }
 
+/// An address, or `-` when there is none.
+struct OrDash(Option<SocketAddr>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// Resolve and admit; then either park the session or go on with it.
 async fn drive<'s>(
     shared: &'s Shared,
@@ -242,20 +253,12 @@ async fn drive<'s>(
 ) -> Option<Parking<'s>> {
     let config = &runtime.config;
     let peer = record.client;
-    let local = match client.local_addr() {
-        Ok(local) => local,
-        Err(_) => {
+    let dst = match intercept::resolve(runtime.intercept.as_ref(), &client, &shared.listen_addrs) {
+        Ok(dst) => dst,
+        Err(InterceptError::Gone(_)) => {
             record.end = "reset";
             return None;
         }
-    };
-    let dst = match intercept::resolve(
-        runtime.intercept.as_ref(),
-        &client,
-        local,
-        &shared.listen_addrs,
-    ) {
-        Ok(dst) => dst,
         Err(InterceptError::Loop(dst)) => {
             tracing::warn!(
                 "LOOP from [{}]:{}: destination {dst} is the guard itself; refused",
@@ -837,11 +840,17 @@ async fn greet(
             } else {
                 deadline
             };
+            // Without a pause (a known or allowlisted client, or
+            // `greet.delay = 0`) the client is not watched while the
+            // upstream connects and greets: the last look just before the
+            // banner leaves sees what it sent early, or that it hung up, at
+            // one system call per session instead of two.
+            let watch_client = keep_reading && !hold.delay.is_zero();
             tokio::select! {
                 // The client first: of early bytes and the end of the delay
                 // ready at once, the early bytes win.
                 biased;
-                ready = client.readable(), if keep_reading => {
+                ready = client.readable(), if watch_client => {
                     if ready.is_err() {
                         client_open = false;
                         continue;
@@ -1102,15 +1111,17 @@ fn early_bytes(bytes: &[u8], watch: &mut PregreetWatch, keep: Option<&mut Vec<u8
     }
 }
 
-/// Reads banner bytes; synchronous for the same reason as [`read_early`].
+/// Reads banner bytes (a short read clears the socket's readiness, as in
+/// the watch: the watch's first look at the MTA then waits for its next
+/// reply instead of reading to `EAGAIN`).
 fn read_banner(stream: &TcpStream, reader: &mut ReplyReader) -> BannerRead {
-    let mut buf = [0u8; 2048];
-    match stream.try_read(&mut buf) {
+    let mut got = None;
+    match crate::watch::read_turn(stream, |bytes| got = Some(reader.push(bytes))) {
         Ok(0) => BannerRead::Failed,
-        Ok(n) => match reader.push(&buf[..n]) {
-            Ok(Some(reply)) => BannerRead::Complete(reply),
-            Ok(None) => BannerRead::Partial,
-            Err(_) => BannerRead::Failed,
+        Ok(_) => match got {
+            Some(Ok(Some(reply))) => BannerRead::Complete(reply),
+            Some(Ok(None)) => BannerRead::Partial,
+            Some(Err(_)) | None => BannerRead::Failed,
         },
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => BannerRead::WouldBlock,
         Err(_) => BannerRead::Failed,

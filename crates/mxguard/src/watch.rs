@@ -10,7 +10,9 @@
 //! so, or after the quarantine file is on disk (fsynced); when storing fails
 //! the client gets a `451` and retries.
 
+use std::future::Future;
 use std::io::{self, Read};
+use std::task::Poll;
 
 use mxguard_net::{Direction, RelayMode, RelayObserver};
 use mxguard_policy::action::Action;
@@ -130,10 +132,14 @@ pub async fn watch(
     let mut upstream_eof = false;
     let mut upstream_shut = false;
     let mut last_activity = Instant::now();
+    let mut client_first = false;
     // One timer for the whole watch, re-armed only when it fires: moving
     // bytes records the instant and costs no timer work.
     let idle_timer = sleep_until(last_activity + idle);
     tokio::pin!(idle_timer);
+    // Reply delays (reset to each release instant; never polled without).
+    let release_timer = sleep_until(last_activity + idle);
+    tokio::pin!(release_timer);
 
     loop {
         // A violation pauses the tracker until its action is applied.
@@ -183,11 +189,58 @@ pub async fn watch(
         let write_upstream = !w.tracker.upstream_output().is_empty() && !upstream_eof;
         let release = w.tracker.poll_timeout().map(Instant::from_std);
 
-        tokio::select! {
-            ready = client.ready(Interest::READABLE), if read_client => {
-                let Ok(ready) = ready else { client_eof = true; continue; };
+        // What to wait for, polled directly (one waker slot per socket and
+        // direction, no readiness future made and dropped on every turn).
+        let mut woke = std::future::poll_fn(|cx| {
+            let mut woke = Woke::default();
+            if read_client {
+                woke.client = ready_or_closed(client.poll_read_ready(cx));
+            }
+            if !upstream_eof {
+                woke.upstream = ready_or_closed(upstream.poll_read_ready(cx));
+            }
+            if write_client && client.poll_write_ready(cx).is_ready() {
+                woke.timer = true;
+            }
+            if write_upstream && upstream.poll_write_ready(cx).is_ready() {
+                woke.timer = true;
+            }
+            if let Some(at) = release {
+                if release_timer.deadline() != at {
+                    release_timer.as_mut().reset(at);
+                }
+                if release_timer.as_mut().poll(cx).is_ready() {
+                    woke.timer = true;
+                }
+            }
+            if idle_timer.as_mut().poll(cx).is_ready() {
+                woke.idle = true;
+            }
+            if woke.any() {
+                Poll::Ready(woke)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+
+        // One side read per turn of the loop, as a select would: what it
+        // made the tracker notice is handled before the other side's bytes.
+        // When both are ready, they take turns going first.
+        if woke.client.is_some() && woke.upstream.is_some() {
+            client_first = !client_first;
+            if client_first {
+                woke.upstream = None;
+            } else {
+                woke.client = None;
+            }
+        }
+        match woke.client {
+            None => {}
+            Some(false) => client_eof = true,
+            Some(true) => {
                 let tracker = &mut w.tracker;
-                let read = read_turn(client, ready.is_read_closed(), |bytes| {
+                let read = read_turn(client, |bytes| {
                     last_activity = Instant::now();
                     tracker.on_client(last_activity.into_std(), bytes);
                 });
@@ -201,13 +254,18 @@ pub async fn watch(
                     }
                 }
             }
-            ready = upstream.ready(Interest::READABLE), if !upstream_eof => {
-                let Ok(ready) = ready else { upstream_eof = true; continue; };
+        }
+        match woke.upstream {
+            None => {}
+            Some(false) => upstream_eof = true,
+            Some(true) => {
                 let tracker = &mut w.tracker;
                 let mut garbage = false;
-                let read = read_turn(upstream, ready.is_read_closed(), |bytes| {
+                let read = read_turn(upstream, |bytes| {
                     last_activity = Instant::now();
-                    garbage = tracker.on_upstream(last_activity.into_std(), bytes).is_err();
+                    garbage = tracker
+                        .on_upstream(last_activity.into_std(), bytes)
+                        .is_err();
                 });
                 match read {
                     Ok(0) => upstream_eof = true,
@@ -227,23 +285,48 @@ pub async fn watch(
                     }
                 }
             }
-            _ = client.writable(), if write_client => {}
-            _ = upstream.writable(), if write_upstream => {}
-            () = async { if let Some(at) = release { sleep_until(at).await } }, if release.is_some() => {}
-            () = &mut idle_timer => {
-                let now = Instant::now();
-                if now >= last_activity + idle && !write_client && release.is_none() {
-                    let reply = format!("421 4.4.2 {} Error: timeout exceeded\r\n", config.hostname);
-                    w.record.bytes_down += write_reply(client, reply.as_bytes()).await;
-                    w.record.end = "idle";
-                    return WatchEnd::Over { quit: !w.tracker.in_message() };
-                }
-                // Activity since, or replies still owed: look again an idle
-                // period after the last byte (or from now, if that passed).
-                let next = last_activity + idle;
-                idle_timer.as_mut().reset(if next > now { next } else { now + idle });
-            }
         }
+        if woke.idle {
+            let now = Instant::now();
+            if now >= last_activity + idle && !write_client && release.is_none() {
+                let reply = format!("421 4.4.2 {} Error: timeout exceeded\r\n", config.hostname);
+                w.record.bytes_down += write_reply(client, reply.as_bytes()).await;
+                w.record.end = "idle";
+                return WatchEnd::Over {
+                    quit: !w.tracker.in_message(),
+                };
+            }
+            // Activity since, or replies still owed: look again an idle
+            // period after the last byte (or from now, if that passed).
+            let next = last_activity + idle;
+            idle_timer
+                .as_mut()
+                .reset(if next > now { next } else { now + idle });
+        }
+    }
+}
+
+/// What woke the watch: a side readable (`Some(false)`: its registration
+/// is gone, read as the end of its stream), a side writable or a reply
+/// due (`timer`), or the idle timer.
+#[derive(Default)]
+struct Woke {
+    client: Option<bool>,
+    upstream: Option<bool>,
+    timer: bool,
+    idle: bool,
+}
+
+impl Woke {
+    fn any(&self) -> bool {
+        self.client.is_some() || self.upstream.is_some() || self.timer || self.idle
+    }
+}
+
+fn ready_or_closed(poll: Poll<io::Result<()>>) -> Option<bool> {
+    match poll {
+        Poll::Ready(ready) => Some(ready.is_ok()),
+        Poll::Pending => None,
     }
 }
 
@@ -268,38 +351,34 @@ thread_local! {
 /// readiness is cleared now rather than by the EAGAIN of one more read (a
 /// syscall saved per turn each way); bytes or a FIN arriving later raise a
 /// new edge, and tokio keeps readiness that came after the one observed.
-/// Not when the peer's FIN was already seen (`closing`): that edge is not
-/// raised again.
-fn read_turn(stream: &TcpStream, closing: bool, take: impl FnOnce(&[u8])) -> io::Result<usize> {
+/// A FIN already seen is not lost either: tokio never clears a socket's
+/// read-closed readiness, so the next poll is ready at once and its read
+/// returns the end of the stream.
+pub(crate) fn read_turn(stream: &TcpStream, take: impl FnOnce(&[u8])) -> io::Result<usize> {
     READ_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => read_turn_into(stream, closing, &mut buf, take),
+        Ok(mut buf) => read_turn_into(stream, &mut buf, take),
         // Never nested; if it were, a buffer of its own rather than a panic.
-        Err(_) => read_turn_into(stream, closing, &mut vec![0u8; READ_BUFFER], take),
+        Err(_) => read_turn_into(stream, &mut vec![0u8; READ_BUFFER], take),
     })
 }
 
 fn read_turn_into(
     stream: &TcpStream,
-    closing: bool,
     buf: &mut [u8],
     take: impl FnOnce(&[u8]),
 ) -> io::Result<usize> {
-    let n = if closing {
-        stream.try_read(buf)?
-    } else {
-        let mut short = None;
-        let result = stream.try_io(Interest::READABLE, || {
-            let n = (&*SockRef::from(stream)).read(buf)?;
-            if n > 0 && n < buf.len() {
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match (result, short) {
-            (Err(_), Some(n)) => n,
-            (result, _) => result?,
+    let mut short = None;
+    let result = stream.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(stream)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
         }
+        Ok(n)
+    });
+    let n = match (result, short) {
+        (Err(_), Some(n)) => n,
+        (result, _) => result?,
     };
     if n > 0 {
         take(&buf[..n]);
