@@ -40,6 +40,9 @@ pub enum ReplyError {
     TooLong(usize),
 }
 
+/// A reply buffer larger than this is freed, not kept for the next reply.
+const RECYCLE_MAX: usize = 4096;
+
 /// Accumulates upstream bytes until a whole reply is there.
 #[derive(Debug, Default)]
 pub struct ReplyReader {
@@ -77,8 +80,16 @@ impl ReplyReader {
             }
             pos += lf + 1;
             if last {
-                let raw = self.buf[..pos].to_vec();
-                self.buf.drain(..pos);
+                let raw = if pos == self.buf.len() {
+                    // The usual case: the reply is all there is. Its bytes
+                    // leave in the buffer itself (no copy); a buffer given
+                    // back with `recycle` takes its place.
+                    std::mem::take(&mut self.buf)
+                } else {
+                    let raw = self.buf[..pos].to_vec();
+                    self.buf.drain(..pos);
+                    raw
+                };
                 return Ok(Some(Reply {
                     code: line_code,
                     raw,
@@ -89,6 +100,17 @@ impl ReplyReader {
             return Err(ReplyError::TooLong(self.max));
         }
         Ok(None)
+    }
+
+    /// A reply's buffer, done with, for the next reply to be read into:
+    /// a session's replies then cycle through one or two buffers instead
+    /// of an allocation each. Taken only when the reader holds nothing and
+    /// the buffer is not large.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.buf.capacity() == 0 && buf.capacity() <= RECYCLE_MAX {
+            buf.clear();
+            self.buf = buf;
+        }
     }
 
     /// Bytes received after the last complete reply.
@@ -122,6 +144,26 @@ fn parse_line(line: &[u8]) -> Result<(u16, bool), ReplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recycled_buffer_is_read_into_and_handed_back() {
+        let mut r = ReplyReader::new(4096);
+        let first = r.push(b"250 ok\r\n").unwrap().unwrap();
+        let ptr = first.raw.as_ptr();
+        r.recycle(first.raw);
+        let second = r.push(b"354 go\r\n").unwrap().unwrap();
+        assert_eq!(second.raw, b"354 go\r\n");
+        assert_eq!(second.raw.as_ptr(), ptr, "the same allocation");
+        // Not taken while part of a reply is held.
+        r.push(b"250-a\r\n").unwrap();
+        r.recycle(vec![0u8; 16]);
+        let third = r.push(b"250 b\r\n").unwrap().unwrap();
+        assert_eq!(third.raw, b"250-a\r\n250 b\r\n");
+        // Pipelined replies still come apart, the rest kept.
+        let fourth = r.push(b"250 x\r\n250 y\r\n").unwrap().unwrap();
+        assert_eq!(fourth.raw, b"250 x\r\n");
+        assert_eq!(r.push(b"").unwrap().unwrap().raw, b"250 y\r\n");
+    }
 
     #[test]
     fn single_line_banner() {

@@ -623,6 +623,8 @@ impl TurnTracker {
                 self.client = ClientState::Blind;
                 self.events.push_back(Event::Blind);
             }
+            // Its buffer reads the next reply.
+            self.replies.recycle(done.bytes);
         }
     }
 
