@@ -187,7 +187,14 @@ pub async fn watch(
         let read_client = !client_eof && w.tracker.wants_client_input();
         let write_client = w.tracker.client_output(now.into_std()).is_some();
         let write_upstream = !w.tracker.upstream_output().is_empty() && !upstream_eof;
-        let release = w.tracker.poll_timeout().map(Instant::from_std);
+        // A reply already due but not written (the client's socket is
+        // full) waits for write readiness; its release instant, past, would
+        // be ready at once and spin the loop until the client reads.
+        let release = if write_client {
+            None
+        } else {
+            w.tracker.poll_timeout().map(Instant::from_std)
+        };
 
         // What to wait for, polled directly (one waker slot per socket and
         // direction, no readiness future made and dropped on every turn).
@@ -720,3 +727,6 @@ impl Watcher<'_, '_> {
         WatchEnd::Over { quit: false }
     }
 }
+
+#[cfg(test)]
+mod tests;
