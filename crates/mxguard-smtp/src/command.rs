@@ -253,4 +253,65 @@ mod tests {
         assert_eq!(envelope_address(b"MAIL FROM:<>\r\n").as_deref(), Some(""));
         assert_eq!(envelope_address(b"RCPT TO:x\r\n"), None);
     }
+
+    /// The first-byte filter in `foreign` decides as the plain scan over
+    /// every prefix did (a090ad7), for every cut of every prefix in every
+    /// case, with each byte after it, and for any first two bytes.
+    #[test]
+    fn foreign_agrees_with_a_scan_of_every_prefix() {
+        fn scan(line_start: &[u8]) -> Option<Foreign> {
+            if line_start.len() >= 2 && line_start[0] == 0x16 && line_start[1] == 0x03 {
+                return Some(Foreign::TlsHandshake);
+            }
+            let is_http = HTTP_PREFIXES.iter().any(|p| {
+                line_start.len() >= p.len() && line_start[..p.len()].eq_ignore_ascii_case(p)
+            });
+            is_http.then_some(Foreign::Http)
+        }
+        let mut checked = 0usize;
+        let mut check = |bytes: &[u8]| {
+            assert_eq!(
+                foreign(bytes),
+                scan(bytes),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+            checked += 1;
+        };
+        check(b"");
+        for a in 0..=255u8 {
+            check(&[a]);
+            for b in 0..=255u8 {
+                check(&[a, b]);
+            }
+        }
+        for prefix in HTTP_PREFIXES {
+            for len in 1..=prefix.len() {
+                let cut = &prefix[..len];
+                // Every mix of upper and lower case over the cut's letters.
+                let letters: Vec<usize> =
+                    (0..len).filter(|&i| cut[i].is_ascii_alphabetic()).collect();
+                for mask in 0u32..(1 << letters.len()) {
+                    let mut bytes = cut.to_vec();
+                    for (bit, &i) in letters.iter().enumerate() {
+                        if mask & (1 << bit) != 0 {
+                            bytes[i] = bytes[i].to_ascii_lowercase();
+                        }
+                    }
+                    check(&bytes);
+                    for tail in [b'/', b' ', b'x', b'\r', 0x80] {
+                        bytes.push(tail);
+                        check(&bytes);
+                        bytes.pop();
+                    }
+                }
+            }
+        }
+        assert!(checked > 100_000);
+        // Found where it must be, in any case, and nowhere else.
+        assert_eq!(foreign(b"get / HTTP/1.0\r\n"), Some(Foreign::Http));
+        assert_eq!(foreign(b"uSeR-aGeNt: x\r\n"), Some(Foreign::Http));
+        assert_eq!(foreign(b"GETX\r\n"), None);
+        assert_eq!(foreign(b"HELO x\r\n"), None);
+    }
 }
