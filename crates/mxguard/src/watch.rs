@@ -295,15 +295,23 @@ pub async fn watch(
         }
         if woke.idle {
             let now = Instant::now();
-            if now >= last_activity + idle && !write_client && release.is_none() {
-                let reply = format!("421 4.4.2 {} Error: timeout exceeded\r\n", config.hostname);
-                w.record.bytes_down += write_reply(client, reply.as_bytes()).await;
+            // A reply held back by us (`release`) is not the client's
+            // idleness; one due but unwritten because the client reads
+            // nothing is: no byte moved either way.
+            if now >= last_activity + idle && release.is_none() {
+                // A client that reads nothing cannot take a 421 either (its
+                // socket is full, maybe mid-reply): it is just closed.
+                if !write_client {
+                    let reply =
+                        format!("421 4.4.2 {} Error: timeout exceeded\r\n", config.hostname);
+                    w.record.bytes_down += write_reply(client, reply.as_bytes()).await;
+                }
                 w.record.end = "idle";
                 return WatchEnd::Over {
                     quit: !w.tracker.in_message(),
                 };
             }
-            // Activity since, or replies still owed: look again an idle
+            // Activity since, or replies held back: look again an idle
             // period after the last byte (or from now, if that passed).
             let next = last_activity + idle;
             idle_timer
