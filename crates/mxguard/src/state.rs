@@ -659,7 +659,7 @@ mod tests {
             );
             move || {
                 let before = appended.load(Ordering::Relaxed);
-                for _ in 0..500 {
+                for _ in 0..2500 {
                     if pausing.load(Ordering::Relaxed) {
                         return;
                     }
@@ -709,12 +709,15 @@ mod tests {
         });
         let compactions = compactions.into_inner();
         assert!(compactions >= 3, "only {compactions} compaction(s) ran");
-        assert_eq!(
-            stalled.load(Ordering::Relaxed),
-            0,
-            "appends waited for a compaction"
+        // Appends went on while a snapshot was being written; with the log
+        // locked meanwhile none can, and every wait stalls. Not "no wait
+        // ever stalled": a loaded machine (a synced append's fsync, a
+        // starved thread) can hold one up for seconds.
+        assert!(
+            went_on.load(Ordering::Relaxed) >= 1,
+            "appends waited for every compaction ({} stalled)",
+            stalled.load(Ordering::Relaxed)
         );
-        assert!(went_on.load(Ordering::Relaxed) >= 1);
         store.flush();
         drop(store);
         let (_, loaded) = StateStore::open(&dir, metrics()).unwrap();
