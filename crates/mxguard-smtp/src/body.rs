@@ -118,9 +118,10 @@ impl BodyScanner {
         while i < input.len() {
             match self.state {
                 State::Text => {
-                    // The fast path: copy ordinary bytes in bulk.
+                    // The fast path: copy ordinary bytes in bulk, whole
+                    // lines at a time (see `clean_run`).
                     let rest = &input[i..];
-                    let n = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+                    let n = clean_run(rest);
                     wire.extend_from_slice(&rest[..n]);
                     if let Some(c) = content.as_deref_mut() {
                         c.extend_from_slice(&rest[..n]);
@@ -265,6 +266,30 @@ impl BodyScanner {
         push(content, b".\r\n");
         self.state = State::LineStart(seq.after);
         false
+    }
+}
+
+/// How many bytes at the start of `text` (inside a line) go to the wire
+/// and the content exactly as they are: text up to the first line break,
+/// and on past every `<CR><LF>` whose next line does not start with a dot
+/// (such a line changes nothing a line at a time would do). Stops at a
+/// bare CR or LF, at a `<CR><LF>` before a dot, and at a `<CR><LF>` the
+/// input ends with or in (the next byte decides); the state machine takes
+/// it from there.
+fn clean_run(text: &[u8]) -> usize {
+    let mut from = 0;
+    loop {
+        let Some(k) = memchr::memchr2(b'\r', b'\n', &text[from..]) else {
+            return text.len();
+        };
+        let at = from + k;
+        let whole_line = text[at] == b'\r'
+            && text.get(at + 1) == Some(&b'\n')
+            && text.get(at + 2).is_some_and(|&next| next != b'.');
+        if !whole_line {
+            return at;
+        }
+        from = at + 2;
     }
 }
 
