@@ -21,6 +21,7 @@ watch to a real Postfix.
 import json
 import re
 import smtplib
+import socket
 import time
 
 import pytest
@@ -441,11 +442,18 @@ def test_quarantine_refuses_a_message_over_the_size_limit(sink, make_guard, work
     assert sink.no_messages(), sink.log()[-2000:]
 
 
+@pytest.mark.parametrize("half_close", [False, True], ids=["open", "half-closed"])
 @pytest.mark.parametrize("action", ["tag", "quarantine"])
-def test_bdat_pipelined_with_the_envelope(action, mta, make_guard, workdir):
+def test_bdat_pipelined_with_the_envelope(action, half_close, mta, make_guard, workdir):
     """RFC 3030 §4.2: with PIPELINING, MAIL, RCPT and every BDAT chunk may go
     in one write. Tagged: the first chunk's size grows by the header;
-    quarantined: the guard answers the chunks itself, in order."""
+    quarantined: the guard answers the chunks itself, in order.
+
+    Half-closed: the client shuts its sending side after QUIT. A quarantined
+    BDAT waits in the guard for the replies to MAIL and RCPT, so RSET and
+    QUIT reach the MTA only after the client's FIN: the guard keeps the MTA
+    side open for them (it shut it at once, RSET failed, the client got no
+    reply to its stored message and sent it again)."""
     guard = make_guard(upstream=mta.addr, **{"actions.unknown_commands": action, "turns.unknown_command_limit": 1,
                                              "quarantine.dir": str(workdir / "quarantine")})
     msg = make_message()
@@ -456,10 +464,14 @@ def test_bdat_pipelined_with_the_envelope(action, mta, make_guard, workdir):
     c.send(f"MAIL FROM:<{msg.sender}>\r\nRCPT TO:<{msg.rcpt}>\r\n".encode()
            + f"BDAT {len(chunks[0])}\r\n".encode() + chunks[0]
            + f"BDAT {len(chunks[1])} LAST\r\n".encode() + chunks[1] + b"QUIT\r\n")
+    if half_close:
+        c.sock.shutdown(socket.SHUT_WR)
     replies = [c.read_reply() for _ in range(5)]
     c.close()
 
     assert [r.code for r in replies] == [250, 250, 250, 250, 221], [r.text for r in replies]
+    if half_close:
+        assert guard.wait_verdict("127.0.0.2")["end"] == "eof"
     if action == "tag":
         header = b"X-MXGuard: suspect; tests=unknown-commands; client=[127.0.0.2]\r\n"
         assert strip_trace_headers(mta.wait_for(msg.token)) == lf(header + msg.data)

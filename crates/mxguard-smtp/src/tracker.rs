@@ -572,6 +572,29 @@ impl TurnTracker {
             && self.held.is_empty()
     }
 
+    /// Client input taken but not yet passed on: bytes held until a reply
+    /// or the caller's word (after a violation, behind a DATA or an EHLO,
+    /// a BDAT waiting for the MTA's verdict on its recipients), a held
+    /// MAIL, a diverted message not yet stored (our RSET follows it), a
+    /// diverted DATA waiting for earlier replies (it may go on as DATA).
+    /// While this holds, more may go to the upstream with no more bytes
+    /// from the client: a client's end of stream is passed on to the
+    /// upstream only once this is false and
+    /// [`upstream_output`](Self::upstream_output) is empty.
+    pub fn holds_client_bytes(&self) -> bool {
+        !self.held.is_empty()
+            || self.held_mail.is_some()
+            || matches!(
+                self.client,
+                ClientState::AwaitDivert | ClientState::AwaitPending
+            )
+            || (self.diverting
+                && matches!(
+                    self.client,
+                    ClientState::AwaitReply(Turn::Command(Verb::Data))
+                ))
+    }
+
     /// Whether the daemon should read more from the client.
     pub fn wants_client_input(&self) -> bool {
         !matches!(self.client, ClientState::Blind | ClientState::Stopped)
@@ -1771,6 +1794,38 @@ mod tests {
             b"221 bye\r\n",
             "the RSET's reply is ours, not the client's"
         );
+    }
+
+    /// What the client sent may reach the MTA only later: the caller must
+    /// not pass the client's end of stream on before (it did, and RSET and
+    /// QUIT then met a closed socket).
+    #[test]
+    fn bytes_held_for_the_mta_are_reported_until_they_went() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        assert!(!s.t.holds_client_bytes());
+        s.t.set_disposition(Disposition::Quarantine);
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 5 LAST\r\nhelloQUIT\r\n");
+        assert_eq!(s.take_mta(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+        assert!(s.t.holds_client_bytes(), "the BDAT waits for the replies");
+        s.mta_says(b"250 ok\r\n250 ok\r\n");
+        assert_eq!(s.t.take_diverted(), b"hello");
+        assert!(s.take_mta().is_empty());
+        assert!(s.t.holds_client_bytes(), "the message is not stored yet");
+        s.t.divert_done(s.now, b"250 2.0.0 Ok: quarantined\r\n".to_vec());
+        assert!(!s.t.holds_client_bytes());
+        s.flush();
+        assert_eq!(s.take_mta(), b"RSET\r\nQUIT\r\n");
+
+        // A diverted DATA may go on as DATA (no recipient accepted).
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Discard);
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<nobody@d>\r\nDATA\r\n");
+        assert!(s.t.holds_client_bytes(), "the DATA waits for the replies");
+        s.mta_says(b"250 ok\r\n550 5.1.1 unknown user\r\n");
+        assert!(!s.t.holds_client_bytes());
+        assert!(s.take_mta().ends_with(b"DATA\r\n"));
     }
 
     #[test]

@@ -172,7 +172,17 @@ pub async fn watch(
         if w.tracker.is_blind() && w.tracker.upstream_output().is_empty() {
             return WatchEnd::Blind;
         }
-        if client_eof && !upstream_shut && w.tracker.upstream_output().is_empty() {
+        // The client's end of stream goes on to the MTA only once nothing
+        // more can: bytes the tracker holds (a BDAT waiting for the replies
+        // to its envelope, a diverted message being stored) still make
+        // commands for it (our RSET, the client's QUIT). Shut before, their
+        // write failed (EPIPE) and the client never got its replies, though
+        // its message was stored: it sent it again.
+        if client_eof
+            && !upstream_shut
+            && w.tracker.upstream_output().is_empty()
+            && !w.tracker.holds_client_bytes()
+        {
             let _ = upstream.shutdown().await;
             upstream_shut = true;
         }

@@ -201,3 +201,267 @@ async fn a_client_that_reads_no_reply_is_ended_as_idle() {
     drop(bot);
     drop(mta.join().unwrap());
 }
+
+/// An MTA that answers by verb: it offers PIPELINING and CHUNKING, takes
+/// `mail_delay` to answer MAIL (`None`: it answers nothing from MAIL on),
+/// answers QUIT with 221 and closes. Gives back every byte it read.
+fn scripted_mta(
+    listener: std::net::TcpListener,
+    mail_delay: Option<Duration>,
+) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let (mut mta_side, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        let mut line_start = 0;
+        let mut buf = [0u8; 4096];
+        let mut silent = false;
+        loop {
+            let n = match mta_side.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => n,
+            };
+            got.extend_from_slice(&buf[..n]);
+            while let Some(lf) = got[line_start..].iter().position(|b| *b == b'\n') {
+                let line = got[line_start..line_start + lf + 1].to_ascii_uppercase();
+                line_start += lf + 1;
+                if silent {
+                    continue;
+                }
+                let reply: &[u8] = if line.starts_with(b"EHLO") {
+                    b"250-mta.example.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n"
+                } else if line.starts_with(b"MAIL") {
+                    let Some(delay) = mail_delay else {
+                        silent = true;
+                        continue;
+                    };
+                    std::thread::sleep(delay);
+                    b"250 2.1.0 Ok\r\n"
+                } else if line.starts_with(b"RCPT") || line.starts_with(b"RSET") {
+                    b"250 2.1.5 Ok\r\n"
+                } else if line.starts_with(b"QUIT") {
+                    let _ = mta_side.write_all(b"221 2.0.0 Bye\r\n");
+                    return got;
+                } else {
+                    b"500 5.5.2 Error: command not recognized\r\n"
+                };
+                if mta_side.write_all(reply).is_err() {
+                    return got;
+                }
+            }
+        }
+    })
+}
+
+/// Reads one reply (its lines) from a blocking socket; its code, or `None`
+/// at the end of the stream.
+fn read_reply(stream: &mut std::net::TcpStream) -> Option<u16> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => line.push(byte[0]),
+        }
+        if line.ends_with(b"\n") {
+            if line.get(3) != Some(&b'-') {
+                return std::str::from_utf8(line.get(..3)?).ok()?.parse().ok();
+            }
+            line.clear();
+        }
+    }
+}
+
+const BDAT_MESSAGE: &[u8] = b"Subject: held\r\n\r\nheld while the MTA answered\r\n";
+
+/// What each side saw of a half-closing client's session.
+struct HalfClosed {
+    end: Option<WatchEnd>,
+    end_reason: &'static str,
+    /// The code of every reply the client got.
+    replies: Vec<u16>,
+    /// Every byte the MTA read.
+    mta: String,
+    /// What is in the quarantine: envelope recipients and message.
+    stored: Vec<(Vec<String>, Vec<u8>)>,
+}
+
+/// A client that turned suspect after CHUNKING was offered (an unknown
+/// command; `action` quarantines or discards) pipelines a whole message
+/// (RFC 3030 §4.2) and QUIT, and half-closes. The guard holds the BDAT
+/// until the MTA has answered MAIL and RCPT (which recipients were accepted
+/// decides what the chunk means), so our RSET and the client's QUIT can
+/// only go to the MTA after the client's FIN.
+async fn pipelined_bdat_then_half_close(
+    action: Action,
+    mail_delay: Option<Duration>,
+    idle_timeout: Duration,
+) -> HalfClosed {
+    let quarantine_dir = crate::quarantine::tests::TestDir::new("watch-half-close");
+    let quarantine = crate::quarantine::Quarantine::open_at(&quarantine_dir.0, 1 << 20).unwrap();
+    let mut config = Config::default();
+    config.turns.unknown_command_limit = 1;
+    config.actions.unknown_commands = action;
+    config.relay.idle_timeout = Dur(idle_timeout);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let guard_addr = listener.local_addr().unwrap();
+    let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
+    let (accepted, peer) = listener.accept().unwrap();
+    accepted.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(accepted).unwrap();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to_mta = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    to_mta.set_nonblocking(true).unwrap();
+    let mut upstream = TcpStream::from_std(to_mta).unwrap();
+    let mta = scripted_mta(listener, mail_delay);
+
+    let bot = std::thread::spawn(move || {
+        let mut codes = Vec::new();
+        bot.write_all(b"EHLO bot.example.test\r\n").unwrap();
+        codes.extend(read_reply(&mut bot));
+        bot.write_all(b"FROBNICATE\r\n").unwrap();
+        codes.extend(read_reply(&mut bot));
+        let mut batch = b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n".to_vec();
+        batch.extend_from_slice(format!("BDAT {} LAST\r\n", BDAT_MESSAGE.len()).as_bytes());
+        batch.extend_from_slice(BDAT_MESSAGE);
+        batch.extend_from_slice(b"QUIT\r\n");
+        bot.write_all(&batch).unwrap();
+        bot.shutdown(std::net::Shutdown::Write).unwrap();
+        while let Some(code) = read_reply(&mut bot) {
+            codes.push(code);
+        }
+        codes
+    });
+
+    let shared = Arc::new(Shared::new(
+        config,
+        Metrics::new().unwrap(),
+        vec![guard_addr],
+        Some(quarantine.clone()),
+    ));
+    let runtime = shared.runtime.load_full();
+    let mut record = Record::new(shared.sessions.register(peer), peer);
+    let end = tokio::time::timeout(
+        Duration::from_secs(10),
+        watch(
+            &shared,
+            &runtime,
+            &mut client,
+            &mut upstream,
+            Vec::new(),
+            Vec::new(),
+            Action::Observe,
+            false,
+            &mut record,
+        ),
+    )
+    .await
+    .ok();
+    let end_reason = record.end;
+    drop(record);
+    // The session closes both connections after the watch.
+    drop(client);
+    drop(upstream);
+
+    let listing = quarantine.list().unwrap();
+    assert!(listing.skipped.is_empty());
+    let stored = listing
+        .messages
+        .iter()
+        .map(|entry| {
+            let (meta, message) = quarantine.show(&entry.id).unwrap();
+            (meta.rcpt_to, message)
+        })
+        .collect();
+    HalfClosed {
+        end,
+        end_reason,
+        replies: bot.join().unwrap(),
+        mta: String::from_utf8_lossy(&mta.join().unwrap()).into_owned(),
+        stored,
+    }
+}
+
+/// The MTA side stays open until our RSET and the client's QUIT went: the
+/// client gets every reply (the BDAT's `250` among them) and the session
+/// ends as both sides closed. Before, the MTA side was shut at the FIN,
+/// the RSET failed (EPIPE), the session ended as `reset` with the message
+/// stored and the client answered nothing: it sent the message again.
+#[tokio::test]
+async fn a_quarantined_bdat_message_pipelined_before_a_half_close_is_answered() {
+    let seen = pipelined_bdat_then_half_close(
+        Action::Quarantine,
+        // Slow enough that the client's FIN is read before MAIL is answered.
+        Some(Duration::from_millis(300)),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(matches!(seen.end, Some(WatchEnd::Over { .. })));
+    assert_eq!(
+        seen.replies,
+        [250, 500, 250, 250, 250, 221],
+        "every command answered (end={})",
+        seen.end_reason
+    );
+    assert_eq!(seen.end_reason, "eof");
+    assert_eq!(
+        seen.mta,
+        "EHLO bot.example.test\r\nFROBNICATE\r\n\
+         MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n\
+         RSET\r\nQUIT\r\n",
+        "the MTA got the envelope, our RSET and the client's QUIT, never the message"
+    );
+    assert_eq!(
+        seen.stored,
+        [(vec!["r@example.test".to_string()], BDAT_MESSAGE.to_vec())],
+        "the message, once"
+    );
+}
+
+#[tokio::test]
+async fn a_discarded_bdat_message_pipelined_before_a_half_close_is_answered() {
+    let seen = pipelined_bdat_then_half_close(
+        Action::Discard,
+        Some(Duration::from_millis(300)),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(matches!(seen.end, Some(WatchEnd::Over { .. })));
+    assert_eq!(
+        seen.replies,
+        [250, 500, 250, 250, 250, 221],
+        "every command answered (end={})",
+        seen.end_reason
+    );
+    assert_eq!(seen.end_reason, "eof");
+    assert_eq!(
+        seen.mta,
+        "EHLO bot.example.test\r\nFROBNICATE\r\n\
+         MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n\
+         RSET\r\nQUIT\r\n"
+    );
+    assert!(seen.stored.is_empty());
+}
+
+/// Held bytes keep the MTA side open, not the session: an MTA that never
+/// answers the envelope leaves the half-closed client idle, and it is
+/// ended after `relay.idle_timeout` with a 421 (it retries; nothing was
+/// stored, nothing went to the MTA but the envelope).
+#[tokio::test]
+async fn a_half_closed_client_whose_held_bytes_never_go_is_ended_as_idle() {
+    let seen =
+        pipelined_bdat_then_half_close(Action::Quarantine, None, Duration::from_millis(600)).await;
+    assert!(
+        matches!(seen.end, Some(WatchEnd::Over { .. })),
+        "the watch did not end"
+    );
+    assert_eq!(seen.end_reason, "idle");
+    assert_eq!(seen.replies, [250, 500, 421]);
+    assert_eq!(
+        seen.mta,
+        "EHLO bot.example.test\r\nFROBNICATE\r\n\
+         MAIL FROM:<s@example.test>\r\nRCPT TO:<r@example.test>\r\n"
+    );
+    assert!(seen.stored.is_empty());
+}
