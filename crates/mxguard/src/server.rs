@@ -554,13 +554,16 @@ async fn accept_loop(
                 shared.metrics.connections_accepted.inc();
                 shared.session_started();
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                // Boxed before it is spawned: the session's future (~1 KiB)
+                // is written once, into its box, instead of being moved
+                // through spawn into the task's cell.
+                tokio::spawn(Box::pin(async move {
                     match crate::session::run(shared.clone(), stream, peer).await {
                         // It waits out its greet delay without this task.
                         Some(parked) => shared.pen.park(parked),
                         None => shared.session_ended(),
                     }
-                });
+                }));
             }
             Err(e) => {
                 if accept_failed(&shared, &e) {
