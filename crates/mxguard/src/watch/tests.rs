@@ -465,3 +465,88 @@ async fn a_half_closed_client_whose_held_bytes_never_go_is_ended_as_idle() {
     );
     assert!(seen.stored.is_empty());
 }
+
+/// The idle timer after activity: its first deadline finds a byte moved
+/// since, so it is set again an idle period after that byte, and fires
+/// then (the watch polls it only after a reset or once it has fired).
+#[tokio::test]
+async fn an_idle_period_after_the_last_byte_ends_the_session() {
+    let idle = Duration::from_millis(600);
+    let mut config = Config::default();
+    config.relay.idle_timeout = Dur(idle);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut bot = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, peer) = listener.accept().unwrap();
+    accepted.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(accepted).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to_mta = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    to_mta.set_nonblocking(true).unwrap();
+    let mut upstream = TcpStream::from_std(to_mta).unwrap();
+    let (mut mta_side, _) = listener.accept().unwrap();
+    let mta = std::thread::spawn(move || {
+        let mut line = [0u8; 64];
+        let n = mta_side.read(&mut line).unwrap();
+        assert_eq!(&line[..n], b"NOOP\r\n");
+        mta_side.write_all(b"250 2.0.0 Ok\r\n").unwrap();
+        mta_side
+    });
+    // One turn 400 ms in: the first deadline (600 ms) finds it.
+    let talker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        bot.write_all(b"NOOP\r\n").unwrap();
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = bot.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let shared = Arc::new(Shared::new(
+        config,
+        Metrics::new().unwrap(),
+        vec![listener.local_addr().unwrap()],
+        None,
+    ));
+    let runtime = shared.runtime.load_full();
+    let mut record = Record::new(shared.sessions.register(peer), peer);
+    let started = tokio::time::Instant::now();
+    let end = tokio::time::timeout(
+        Duration::from_secs(5),
+        watch(
+            &shared,
+            &runtime,
+            &mut client,
+            &mut upstream,
+            Vec::new(),
+            Vec::new(),
+            Action::Observe,
+            false,
+            &mut record,
+        ),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(end, Ok(WatchEnd::Over { quit: true })),
+        "the idle timer did not fire again after its reset"
+    );
+    assert_eq!(record.end, "idle");
+    assert!(
+        took >= Duration::from_millis(950),
+        "ended {took:?} in, before an idle period after the last byte"
+    );
+    drop(client);
+    let got = talker.join().unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("250 2.0.0 Ok\r\n"), "{text}");
+    assert!(
+        text.contains("421 4.4.2"),
+        "the idle client is told: {text}"
+    );
+    drop(mta.join().unwrap());
+}
