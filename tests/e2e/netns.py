@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import socket
 import subprocess
 import uuid
 
@@ -154,3 +155,20 @@ class Topology:
                   "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", "1")
             ip(ipv, "rule", "add", "fwmark", "1", "lookup", "100", ns=self.gw)
             ip(ipv, "route", "add", "local", local, "dev", "lo", "table", "100", ns=self.gw)
+
+
+def syn_answered(ns: str, host: str, port: int, source: str, timeout=1.5) -> bool:
+    """Whether a TCP connect from `source` in `ns` gets any answer (SYN-ACK or RST)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with entered(ns):
+        s = socket.socket(family, socket.SOCK_STREAM)
+    with s:
+        s.bind((source, 0))
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            return True
+        except ConnectionRefusedError:
+            return True
+        except (socket.timeout, TimeoutError):
+            return False

@@ -8,7 +8,6 @@ no answer at all, while another address of the same client host is
 served."""
 
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -26,21 +25,6 @@ def nft_set(ns: str, name: str) -> str:
                           capture_output=True, text=True, timeout=10).stdout
 
 
-def syn_answered(ns: str, host: str, port: int, source: str, timeout=1.5) -> bool:
-    """Whether a TCP connect from `source` gets any answer (SYN-ACK or RST)."""
-    with netns.entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with s:
-        s.bind((source, 0))
-        s.settimeout(timeout)
-        try:
-            s.connect((host, port))
-            return True
-        except ConnectionRefusedError:
-            return True
-        except (socket.timeout, TimeoutError):
-            return False
-
 
 def test_a_blocked_clients_syn_gets_no_answer(topo, make_guard, workdir):
     client4, gw4, _, mta4 = topo.addrs(4)
@@ -54,7 +38,7 @@ def test_a_blocked_clients_syn_gets_no_answer(topo, make_guard, workdir):
         "nftables.batch_interval": "100ms",
     })
     guard.wait_log(rf"nftables: table inet {TABLE} with sets blocked4, blocked6")
-    assert syn_answered(topo.client, gw4, 25, client4)
+    assert netns.syn_answered(topo.client, gw4, 25, client4)
 
     bot = RawClient(gw4, 25, source=client4, ns=topo.client)
     bot.send(b"EHLO bot.example.test\r\n")
@@ -66,7 +50,7 @@ def test_a_blocked_clients_syn_gets_no_answer(topo, make_guard, workdir):
     # Its next SYN is dropped by the kernel: no SYN-ACK, no RST, and the
     # guard never sees a connection.
     accepted = guard.metric("mxguard_connections_accepted_total")
-    assert not syn_answered(topo.client, gw4, 25, client4)
+    assert not netns.syn_answered(topo.client, gw4, 25, client4)
     assert guard.metric("mxguard_connections_accepted_total") == accepted
     # Another address is served.
     c = RawClient(gw4, 25, source=other, ns=topo.client)

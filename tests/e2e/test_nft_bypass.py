@@ -60,22 +60,6 @@ def api(guard, method: str, path: str, body=None) -> tuple[int, dict | str]:
     return int(head.split(b" ", 2)[1]), payload.decode("utf-8", "replace")
 
 
-def syn_answered(ns: str, host: str, port: int, source: str, timeout=1.5) -> bool:
-    """Whether a TCP connect from `source` gets any answer (SYN-ACK or RST)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with netns.entered(ns):
-        s = socket.socket(family, socket.SOCK_STREAM)
-    with s:
-        s.bind((source, 0))
-        s.settimeout(timeout)
-        try:
-            s.connect((host, port))
-            return True
-        except ConnectionRefusedError:
-            return True
-        except (socket.timeout, TimeoutError):
-            return False
-
 
 def deliver(topo, mta_ip: str, source: str, n: int) -> list[bytes]:
     """One clean session to the MTA's address from `source` with message
@@ -164,7 +148,7 @@ def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_bloc
     wait_until(lambda: not in_set(topo.gw, passed, client), 5, "the client out of the passed set")
     wait_until(lambda: in_set(topo.gw, blocked, client), 5, "the client in the blocked set")
     assert guard.metric("mxguard_nftables_passed_total", op="remove", result="ok") == 1
-    assert not syn_answered(topo.client, mta_ip, 25, client)
+    assert not netns.syn_answered(topo.client, mta_ip, 25, client)
     assert accepted(guard) == 1
     assert len(sink.connections()) == 3
 
@@ -200,15 +184,15 @@ def test_a_detection_takes_a_passed_client_out_of_the_kernel(topo, make_guard, w
     early.close()
     wait_until(lambda: not in_set(topo.gw, "passed4", client), 5, "the client out of the passed set")
     wait_until(lambda: in_set(topo.gw, "blocked4", client), 5, "the client in the blocked set")
-    assert not syn_answered(topo.client, mta_ip, 25, client)
+    assert not netns.syn_answered(topo.client, mta_ip, 25, client)
     # A blocked address that never passed: dropped too, whatever the redirect.
     other = "10.77.1.3"
     netns.ip("addr", "add", f"{other}/24", "dev", "c0", ns=topo.client)
-    assert syn_answered(topo.client, mta_ip, 25, other)
+    assert netns.syn_answered(topo.client, mta_ip, 25, other)
     status, body = api(guard, "POST", "/api/v1/blocklist", {"address": other, "ttl_seconds": 600})
     assert status in (200, 201), body
     wait_until(lambda: in_set(topo.gw, "blocked4", other), 5, "the other address in the blocked set")
-    assert not syn_answered(topo.client, mta_ip, 25, other)
+    assert not netns.syn_answered(topo.client, mta_ip, 25, other)
     assert guard.metric("mxguard_nftables_passed_total", op="remove", result="ok") == 1
     assert len(sink.messages()) == 1
     guard.stop()
