@@ -27,6 +27,29 @@ fn thread_cpu() -> Duration {
     us(usage.user_time()) + us(usage.system_time())
 }
 
+/// The watch of a session that greeted cleanly: nothing early, nothing
+/// owed, action observe, no reply delays.
+async fn watch_plain(
+    shared: &Shared,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    record: &mut Record<'_>,
+) -> WatchEnd {
+    let runtime = shared.runtime.load_full();
+    watch(
+        shared,
+        &runtime,
+        client,
+        upstream,
+        Vec::new(),
+        Vec::new(),
+        Action::Observe,
+        false,
+        record,
+    )
+    .await
+}
+
 /// The MTA's answer to HELP: 40 KB, more than the socket buffers between
 /// the guard and the client hold.
 const HELP_LINES: usize = 500;
@@ -107,19 +130,8 @@ async fn a_client_that_reads_no_reply_costs_no_cpu() {
         mut bot,
         mta,
     } = stuck(Config::default());
-    let runtime = shared.runtime.load_full();
     let mut record = Record::new(shared.sessions.register(peer), peer);
-    let watched = watch(
-        &shared,
-        &runtime,
-        &mut client,
-        &mut upstream,
-        Vec::new(),
-        Vec::new(),
-        Action::Observe,
-        false,
-        &mut record,
-    );
+    let watched = watch_plain(&shared, &mut client, &mut upstream, &mut record);
     tokio::pin!(watched);
     let before = thread_cpu();
     let waited = tokio::time::timeout(Duration::from_secs(1), &mut watched).await;
@@ -176,21 +188,10 @@ async fn a_client_that_reads_no_reply_is_ended_as_idle() {
         bot,
         mta,
     } = stuck(config);
-    let runtime = shared.runtime.load_full();
     let mut record = Record::new(shared.sessions.register(peer), peer);
     let end = tokio::time::timeout(
         Duration::from_secs(5),
-        watch(
-            &shared,
-            &runtime,
-            &mut client,
-            &mut upstream,
-            Vec::new(),
-            Vec::new(),
-            Action::Observe,
-            false,
-            &mut record,
-        ),
+        watch_plain(&shared, &mut client, &mut upstream, &mut record),
     )
     .await;
     assert!(
@@ -340,21 +341,10 @@ async fn pipelined_bdat_then_half_close(
         vec![guard_addr],
         Some(quarantine.clone()),
     ));
-    let runtime = shared.runtime.load_full();
     let mut record = Record::new(shared.sessions.register(peer), peer);
     let end = tokio::time::timeout(
         Duration::from_secs(10),
-        watch(
-            &shared,
-            &runtime,
-            &mut client,
-            &mut upstream,
-            Vec::new(),
-            Vec::new(),
-            Action::Observe,
-            false,
-            &mut record,
-        ),
+        watch_plain(&shared, &mut client, &mut upstream, &mut record),
     )
     .await
     .ok();
@@ -500,22 +490,11 @@ async fn an_idle_period_after_the_last_byte_ends_the_session() {
         vec![listener.local_addr().unwrap()],
         None,
     ));
-    let runtime = shared.runtime.load_full();
     let mut record = Record::new(shared.sessions.register(peer), peer);
     let started = tokio::time::Instant::now();
     let end = tokio::time::timeout(
         Duration::from_secs(5),
-        watch(
-            &shared,
-            &runtime,
-            &mut client,
-            &mut upstream,
-            Vec::new(),
-            Vec::new(),
-            Action::Observe,
-            false,
-            &mut record,
-        ),
+        watch_plain(&shared, &mut client, &mut upstream, &mut record),
     )
     .await;
     let took = started.elapsed();
