@@ -12,6 +12,15 @@ from peers import lf, make_message, smtplib_send, wait_until
 FD_LIMIT = 64
 
 
+
+def assert_not_spinning(guard):
+    """While out of descriptors the guard backs off: a second of wall time
+    costs it well under half a second of CPU."""
+    before = cpu_seconds(guard.pid)
+    time.sleep(1.0)
+    spent = cpu_seconds(guard.pid) - before
+    assert spent < 0.5, f"{spent:.2f}s of CPU in 1s while out of descriptors: spinning"
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
@@ -47,10 +56,7 @@ def test_descriptor_exhaustion_backs_off_and_recovers(sink, make_guard):
 
     # While the listener cannot accept, the guard backs off instead of
     # spinning: a second of wall time costs it well under half a second of CPU.
-    before = cpu_seconds(guard.pid)
-    time.sleep(1.0)
-    spent = cpu_seconds(guard.pid) - before
-    assert spent < 0.5, f"{spent:.2f}s of CPU in 1s while out of descriptors: spinning"
+    assert_not_spinning(guard)
 
     for s in held:
         s.close()
@@ -171,10 +177,7 @@ def test_every_session_thread_keeps_its_spare_descriptor_through_floods(sink, ma
         got = heard_421(socks)
         assert got >= 15, f"wave {wave}: only {got} of 20 heard 421 (spares lost)"
 
-    before = cpu_seconds(guard.pid)
-    time.sleep(1.0)
-    spent = cpu_seconds(guard.pid) - before
-    assert spent < 0.5, f"{spent:.2f}s of CPU in 1s while out of descriptors: spinning"
+    assert_not_spinning(guard)
 
     for s in held:
         s.close()

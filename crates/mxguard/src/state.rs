@@ -570,6 +570,13 @@ mod tests {
     use super::*;
     use mxguard_policy::EntrySource;
 
+    /// An empty directory of this test run's own.
+    fn fresh_dir(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("mxguard-state-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     fn metrics() -> AdmissionMetrics {
         AdmissionMetrics::new(&crate::metrics::Metrics::new().unwrap()).unwrap()
     }
@@ -588,8 +595,7 @@ mod tests {
 
     #[test]
     fn changes_survive_a_reopen_and_a_compaction_and_a_torn_line_is_skipped() {
-        let dir = std::env::temp_dir().join(format!("mxguard-state-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("plain");
         let (store, loaded) = StateStore::open(&dir, metrics()).unwrap();
         assert!(loaded.entries.is_empty());
         store.added(&record("192.0.2.1/32"), true).unwrap();
@@ -645,8 +651,7 @@ mod tests {
         const ROUNDS: usize = 3;
         const BEFORE: usize = 100;
         const WAVE: usize = 50;
-        let dir = std::env::temp_dir().join(format!("mxguard-state-comp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("comp");
         let (store, _) = StateStore::open(&dir, metrics()).unwrap();
         // The lists: changed and read under their own lock, which each
         // change holds while the store appends it (as `Lists` does).
@@ -716,8 +721,7 @@ mod tests {
     /// crash, a full disk) loses nothing; the next one cleans up after it.
     #[test]
     fn a_compaction_cut_short_loses_nothing() {
-        let dir = std::env::temp_dir().join(format!("mxguard-state-cut-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("cut");
         let (store, _) = StateStore::open(&dir, metrics()).unwrap();
         store.added(&record("192.0.2.1/32"), true).unwrap();
         let mut compaction = store.compaction();
@@ -756,8 +760,7 @@ mod tests {
 
     #[test]
     fn a_second_store_on_the_same_directory_is_refused_while_the_first_is_open() {
-        let dir = std::env::temp_dir().join(format!("mxguard-state-lock-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("lock");
         let (store, _) = StateStore::open(&dir, metrics()).unwrap();
         let Err(e) = StateStore::open(&dir, metrics()) else {
             panic!("a second store opened the same directory");

@@ -50,6 +50,30 @@ async fn watch_plain(
     .await
 }
 
+/// A client connected to the guard: the client's end, the guard's end
+/// (tokio), the client's address and the guard's.
+fn client_side() -> (std::net::TcpStream, TcpStream, SocketAddr, SocketAddr) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let guard_addr = listener.local_addr().unwrap();
+    let bot = std::net::TcpStream::connect(guard_addr).unwrap();
+    let (accepted, peer) = listener.accept().unwrap();
+    accepted.set_nonblocking(true).unwrap();
+    (
+        bot,
+        TcpStream::from_std(accepted).unwrap(),
+        peer,
+        guard_addr,
+    )
+}
+
+/// The guard connected to an MTA's listener (the MTA accepts from it).
+fn upstream_side() -> (TcpStream, std::net::TcpListener) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to_mta = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    to_mta.set_nonblocking(true).unwrap();
+    (TcpStream::from_std(to_mta).unwrap(), listener)
+}
+
 /// The MTA's answer to HELP: 40 KB, more than the socket buffers between
 /// the guard and the client hold.
 const HELP_LINES: usize = 500;
@@ -304,17 +328,8 @@ async fn pipelined_bdat_then_half_close(
     config.actions.unknown_commands = action;
     config.relay.idle_timeout = Dur(idle_timeout);
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let guard_addr = listener.local_addr().unwrap();
-    let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
-    let (accepted, peer) = listener.accept().unwrap();
-    accepted.set_nonblocking(true).unwrap();
-    let mut client = TcpStream::from_std(accepted).unwrap();
-
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let to_mta = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    to_mta.set_nonblocking(true).unwrap();
-    let mut upstream = TcpStream::from_std(to_mta).unwrap();
+    let (mut bot, mut client, peer, guard_addr) = client_side();
+    let (mut upstream, listener) = upstream_side();
     let mta = scripted_mta(listener, mail_delay);
 
     let bot = std::thread::spawn(move || {
@@ -452,15 +467,8 @@ async fn an_idle_period_after_the_last_byte_ends_the_session() {
     let idle = Duration::from_millis(600);
     let mut config = Config::default();
     config.relay.idle_timeout = Dur(idle);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut bot = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (accepted, peer) = listener.accept().unwrap();
-    accepted.set_nonblocking(true).unwrap();
-    let mut client = TcpStream::from_std(accepted).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let to_mta = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    to_mta.set_nonblocking(true).unwrap();
-    let mut upstream = TcpStream::from_std(to_mta).unwrap();
+    let (mut bot, mut client, peer, guard_addr) = client_side();
+    let (mut upstream, listener) = upstream_side();
     let (mut mta_side, _) = listener.accept().unwrap();
     let mta = std::thread::spawn(move || {
         let mut line = [0u8; 64];
@@ -487,7 +495,7 @@ async fn an_idle_period_after_the_last_byte_ends_the_session() {
     let shared = Arc::new(Shared::new(
         config,
         Metrics::new().unwrap(),
-        vec![listener.local_addr().unwrap()],
+        vec![guard_addr],
         None,
     ));
     let mut record = Record::new(shared.sessions.register(peer), peer);
