@@ -25,13 +25,20 @@ async fn idle_spliced_sessions_hold_no_pipes() {
     let before = open_pipe_fds();
     let mut sessions = Vec::new();
     for _ in 0..50 {
-        let (mut client, mut mta, _observer, relayed) =
+        let (mut client, mut mta, observer, relayed) =
             start_relay(peers().await, RelayMode::Splice, Duration::from_secs(60));
-        // One SMTP turn each way, then the session sits idle.
+        // One SMTP turn each way and a bulk burst (spliced: small turns
+        // take no pipe at all), then the session sits idle.
         mta.write_all(b"220 mta\r\n").await.unwrap();
         client.read_exact(&mut [0; 9]).await.unwrap();
         client.write_all(b"NOOP\r\n").await.unwrap();
         mta.read_exact(&mut [0; 6]).await.unwrap();
+        let burst = vec![b'x'; 256 << 10];
+        let mut arrived = vec![0; burst.len()];
+        let (wrote, read) = tokio::join!(client.write_all(&burst), mta.read_exact(&mut arrived));
+        wrote.unwrap();
+        read.unwrap();
+        assert!(observer.spliced() > 0, "the burst was not spliced");
         sessions.push((client, mta, relayed));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;

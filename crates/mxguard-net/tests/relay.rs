@@ -258,3 +258,51 @@ async fn the_relay_future_is_small_and_send() {
     println!("relay future: {size} bytes");
     assert!(size <= 512, "relay future grew to {size} bytes");
 }
+
+/// In splice mode a turn smaller than the scratch buffer is read and
+/// written at once (one recv, one send: the fewest system calls), with no
+/// pipe; a bulk burst goes through the pipe, zero-copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_mode_copies_small_turns_and_splices_bulk() {
+    let (client, mta, observer, relayed) = start_relay(peers().await, RelayMode::Splice, LONG_IDLE);
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mta_rd, mut mta_wr) = mta.into_split();
+    let mut mta_rd = BufReader::new(mta_rd);
+
+    mta_wr.write_all(b"220 mta ESMTP\r\n").await.unwrap();
+    let mut banner = [0u8; 15];
+    client_rd.read_exact(&mut banner).await.unwrap();
+    for command in ["EHLO c.example", "MAIL FROM:<a@b.example>", "DATA"] {
+        client_wr
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        mta_rd.read_line(&mut line).await.unwrap();
+        assert_eq!(line, format!("{command}\r\n"));
+        mta_wr.write_all(b"250 ok\r\n").await.unwrap();
+        client_rd.read_exact(&mut [0u8; 8]).await.unwrap();
+    }
+    assert!(observer.stats().up > 0 && observer.stats().down > 0);
+    assert_eq!(observer.spliced(), 0, "small turns went through a pipe");
+
+    // A 4 MiB body: read at once, as a bulk sender writes it.
+    let body = pattern(9, 4 << 20);
+    let (got, ()) = tokio::join!(
+        async {
+            let mut got = vec![0u8; body.len()];
+            mta_rd.read_exact(&mut got).await.unwrap();
+            got
+        },
+        async { client_wr.write_all(&body).await.unwrap() }
+    );
+    assert!(got == body, "the MTA got different bytes");
+    let spliced = observer.spliced();
+    assert!(
+        spliced >= body.len() as u64 * 9 / 10,
+        "only {spliced} of {} body bytes spliced",
+        body.len()
+    );
+    drop((client_wr, mta_wr));
+    finished(relayed).await.unwrap();
+}

@@ -3,8 +3,8 @@
 //! A relayed SMTP session is idle most of the time, and a pipe costs two
 //! file descriptors (and the process may hold only so many), so a session
 //! holds a pipe only while bytes are on their way: the pump takes one when
-//! its source becomes readable and gives it back when it waits again with
-//! the pipe empty. The pool spares the pipe2(2)/close(2) round trip on every
+//! a bulk burst starts (a small turn is copied, with no pipe) and gives it
+//! back when it waits again with the pipe empty. The pool spares the pipe2(2)/close(2) round trip on every
 //! burst.
 //!
 //! Big pipes. A default pipe holds 16 pages (64 KiB): a bulk transfer then

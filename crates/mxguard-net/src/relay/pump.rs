@@ -1,5 +1,7 @@
-//! One direction of a relayed session: bytes from `src` to `dst`, through a
-//! pipe (splice) or a small userspace buffer (copy), ending in a half-close.
+//! One direction of a relayed session: bytes from `src` to `dst`, ending in
+//! a half-close. A turn is read into the thread's scratch buffer and written
+//! at once; in splice mode a bulk burst goes through a pipe (see
+//! [`Holding`]).
 //!
 //! Lifecycle of a pump (`poll` drives it; it never blocks):
 //!
@@ -12,16 +14,17 @@
 //! The pump only reads when nothing is held. That keeps the splice EAGAIN
 //! unambiguous (with an empty pipe it can only mean "socket has no data"),
 //! gives natural backpressure (a slow receiver stops us reading its
-//! sender), and lets the pump hand its pipe or buffer back whenever it waits
-//! for the source, so an idle session holds neither.
+//! sender), and lets the pump hand its pipe or spilled bytes' memory back
+//! whenever it waits for the source, so an idle session holds neither.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
 use std::task::{ready, Context, Poll};
 
 use nix::fcntl::{splice, SpliceFFlags};
-use nix::sys::socket::{send, MsgFlags};
+use nix::sys::socket::{recv, send, MsgFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -36,10 +39,6 @@ use super::{Direction, RelayMode, RelayObserver};
 /// `bench/analysis.md`).
 const GROW_AFTER: u64 = 1 << 20;
 
-/// Userspace buffer per direction in copy mode.
-const COPY_BUFFER: usize = 16 * 1024;
-
-/// Who a failed I/O call is blamed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Culprit {
     Client,
@@ -54,168 +53,228 @@ pub(super) struct Fault {
     pub(super) error: io::Error,
 }
 
+/// A read into the thread's scratch buffer that fills it starts a bulk
+/// burst (spliced, in splice mode). Also the most one copying read takes.
+const SCRATCH: usize = 16 * 1024;
+
+thread_local! {
+    /// Where every pump on this thread reads a turn that it then writes at
+    /// once: a turn's bytes are in it only during one call of
+    /// [`Pump::poll`], and what a short write leaves is copied out, so a
+    /// pump holds no buffer of its own between turns.
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
 /// Where the bytes wait between the read from `src` and the write to `dst`.
+///
+/// Every turn is first read into the thread's scratch buffer and written
+/// at once: one `recv` and one `send`, the fewest system calls a turn can
+/// take (a pipe takes a splice each way, another to find the socket empty,
+/// and a `FIONREAD` before it goes back to the pool). In splice mode a read
+/// that fills the scratch buffer is a bulk burst: the next reads go through
+/// a pipe, zero-copy, until one brings less than the scratch holds (HAProxy's
+/// `splice-auto` decides the same way).
 #[derive(Debug)]
-enum Holding {
-    Splice {
-        pipe: Option<Pipe>,
-        /// Bytes spliced into the pipe and not yet out of it.
-        held: usize,
-        /// The last read filled at least half the pipe.
-        full: bool,
-        /// Bytes read in this direction so far. Past [`GROW_AFTER`], a read
-        /// that fills half the pipe is a bulk transfer, worth a big pipe
-        /// (see `pipe.rs`).
-        total: u64,
-    },
-    Copy {
-        buf: Option<Box<[u8]>>,
-        /// `buf[start..end]` is still to be written.
-        start: usize,
-        end: usize,
-    },
+struct Holding {
+    mode: RelayMode,
+    /// Read from the scratch buffer but not yet written (a write fell
+    /// short): `spill[sent..]` is still to go.
+    spill: Vec<u8>,
+    sent: usize,
+    /// Splice mode: the burst goes through the pipe.
+    bulk: bool,
+    pipe: Option<Pipe>,
+    /// Bytes spliced into the pipe and not yet out of it.
+    piped: usize,
+    /// The last splice into the pipe filled at least half of it.
+    full: bool,
+    /// Bytes spliced in this direction so far. Past [`GROW_AFTER`], a
+    /// read that fills half the pipe is a bulk transfer, worth a big pipe
+    /// (see `pipe.rs`).
+    total: u64,
+}
+
+/// Which socket a copying turn's error came from.
+enum Side {
+    Src,
+    Dst,
+}
+
+/// What a read did.
+enum Filled {
+    /// The end of the stream.
+    Eof,
+    /// `n` bytes read, of which `written` are already written to `dst`.
+    Moved { n: usize, written: usize },
 }
 
 impl Holding {
     fn new(mode: RelayMode) -> Holding {
-        match mode {
-            RelayMode::Splice => Holding::Splice {
-                pipe: None,
-                held: 0,
-                full: false,
-                total: 0,
-            },
-            RelayMode::Copy => Holding::Copy {
-                buf: None,
-                start: 0,
-                end: 0,
-            },
+        Holding {
+            mode,
+            spill: Vec::new(),
+            sent: 0,
+            bulk: false,
+            pipe: None,
+            piped: 0,
+            full: false,
+            total: 0,
         }
     }
 
     fn held(&self) -> usize {
-        match self {
-            Holding::Splice { held, .. } => *held,
-            Holding::Copy { start, end, .. } => end - start,
-        }
+        self.piped + (self.spill.len() - self.sent)
     }
 
-    /// Get a pipe or a buffer, lazily: a pump that never sees a byte never
-    /// allocates one.
-    fn acquire(&mut self) -> io::Result<()> {
-        match self {
-            Holding::Splice {
-                pipe,
-                held,
-                full,
-                total,
-            } => match pipe {
-                None => *pipe = Some(Pipe::take()?),
-                // Grown only between chunks, with the pipe empty.
-                Some(pipe) if *full && *total >= GROW_AFTER && *held == 0 && !pipe.is_big() => {
-                    pipe.grow()
-                }
-                Some(_) => {}
-            },
-            Holding::Copy { buf, .. } => {
-                if buf.is_none() {
-                    *buf = Some(vec![0; COPY_BUFFER].into_boxed_slice());
-                }
+    /// The next read goes through a pipe (taken lazily: a pump that never
+    /// sees a bulk burst never takes one).
+    fn splices(&self) -> bool {
+        self.bulk && self.mode == RelayMode::Splice
+    }
+
+    fn acquire_pipe(&mut self) -> io::Result<()> {
+        match &mut self.pipe {
+            None => self.pipe = Some(Pipe::take()?),
+            // Grown only between chunks, with the pipe empty.
+            Some(pipe)
+                if self.full && self.total >= GROW_AFTER && self.piped == 0 && !pipe.is_big() =>
+            {
+                pipe.grow()
             }
+            Some(_) => {}
         }
         Ok(())
     }
 
-    /// Hand back the pipe or buffer; only called with nothing held.
+    /// Hand back the pipe and the spill's memory; only called with nothing
+    /// held.
     fn release(&mut self) {
         debug_assert_eq!(self.held(), 0, "released while holding bytes");
-        match self {
-            Holding::Splice { pipe, held: 0, .. } => {
-                if let Some(pipe) = pipe.take() {
-                    pipe.give_back();
-                }
-            }
-            Holding::Copy {
-                buf, start, end, ..
-            } if start == end => {
-                *buf = None;
-                *start = 0;
-                *end = 0;
-            }
-            _ => {}
+        if self.held() != 0 {
+            return;
         }
+        if let Some(pipe) = self.pipe.take() {
+            pipe.give_back();
+        }
+        self.spill = Vec::new();
+        self.sent = 0;
     }
 
-    /// One read from `src` into the pipe or buffer (0: EOF). To be called
-    /// inside `src.try_io(READABLE, ..)` with nothing held.
-    fn fill_from(&mut self, src: &TcpStream) -> io::Result<usize> {
+    /// One splice from `src` into the pipe (0: EOF). To be called inside
+    /// `src.try_io(READABLE, ..)` with nothing held and a pipe acquired.
+    fn splice_from(&mut self, src: &TcpStream) -> io::Result<usize> {
         debug_assert_eq!(self.held(), 0);
-        match self {
-            Holding::Splice {
-                pipe,
-                held,
-                full,
-                total,
-            } => {
-                let pipe = pipe.as_ref().ok_or_else(not_acquired)?;
-                // As much as the pipe holds: one splice each way per pipe
-                // full. (The kernel may still stop short: a pipe has a page
-                // per slot, and a socket's small fragments use whole slots.)
-                let n = splice(
-                    src.as_fd(),
-                    None,
-                    pipe.write_end(),
-                    None,
-                    pipe.capacity(),
-                    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
-                )?;
-                *held += n;
-                *full = n >= pipe.capacity() / 2;
-                *total = total.saturating_add(n as u64);
-                Ok(n)
-            }
-            Holding::Copy { buf, start, end } => {
-                let buf = buf.as_mut().ok_or_else(not_acquired)?;
-                let n = nix::unistd::read(src.as_fd(), buf)?;
-                *start = 0;
-                *end = n;
-                Ok(n)
-            }
+        let pipe = self.pipe.as_ref().ok_or_else(not_acquired)?;
+        // As much as the pipe holds: one splice each way per pipe full.
+        // (The kernel may still stop short: a pipe has a page per slot, and
+        // a socket's small fragments use whole slots.)
+        let n = splice(
+            src.as_fd(),
+            None,
+            pipe.write_end(),
+            None,
+            pipe.capacity(),
+            SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+        )?;
+        self.piped += n;
+        self.full = n >= pipe.capacity() / 2;
+        self.total = self.total.saturating_add(n as u64);
+        // A small chunk: the burst is over, the next turn is copied.
+        if n < SCRATCH {
+            self.bulk = false;
         }
+        Ok(n)
     }
 
-    /// One write of held bytes to `dst`. To be called inside
-    /// `dst.try_io(WRITABLE, ..)` with bytes held.
-    fn drain_into(&mut self, dst: &TcpStream) -> io::Result<usize> {
-        debug_assert!(self.held() > 0);
-        match self {
-            Holding::Splice { pipe, held, .. } => {
-                let pipe = pipe.as_ref().ok_or_else(not_acquired)?;
-                // A peer that is gone makes this EPIPE; SIGPIPE is ignored
-                // by the Rust runtime, as in every Rust binary.
-                let n = splice(
-                    pipe.read_end(),
-                    None,
-                    dst.as_fd(),
-                    None,
-                    *held,
-                    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
-                )?;
-                debug_assert!(n <= *held, "spliced out more than went in");
-                *held -= n;
-                Ok(n)
+    /// One read from `src` into the thread's scratch buffer, written to
+    /// `dst` at once as far as it takes it; the rest is spilled, to be
+    /// written when `dst` is writable. With nothing held. An error says
+    /// which side it came from.
+    fn copy(&mut self, src: &TcpStream, dst: &TcpStream) -> Result<Filled, (Side, io::Error)> {
+        debug_assert_eq!(self.held(), 0);
+        SCRATCH_BUF.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => self.copy_via(src, dst, &mut buf),
+            // Never nested; if it were, a buffer of its own, not a panic.
+            Err(_) => self.copy_via(src, dst, &mut vec![0u8; SCRATCH]),
+        })
+    }
+
+    fn copy_via(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        buf: &mut [u8],
+    ) -> Result<Filled, (Side, io::Error)> {
+        // A read shorter than the buffer took all the socket had: its
+        // readiness is cleared now rather than by the EAGAIN of one more
+        // read. Bytes or a FIN arriving later raise a new edge (tokio keeps
+        // readiness newer than the one observed), and tokio never clears a
+        // socket's read-closed readiness, so a FIN already seen is not lost.
+        let mut short = None;
+        let read = src.try_io(Interest::READABLE, || {
+            let n = recv(src.as_raw_fd(), buf, MsgFlags::empty())?;
+            if n > 0 && n < buf.len() {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            Holding::Copy { buf, start, end } => {
-                let buf = buf.as_ref().ok_or_else(not_acquired)?;
-                let n = send(
-                    dst.as_fd().as_raw_fd(),
-                    &buf[*start..*end],
-                    MsgFlags::MSG_NOSIGNAL,
-                )?;
-                *start += n;
-                Ok(n)
-            }
+            Ok(n)
+        });
+        let n = match (read, short) {
+            (Err(_), Some(n)) => n,
+            (read, _) => read.map_err(|e| (Side::Src, e))?,
+        };
+        if n == 0 {
+            return Ok(Filled::Eof);
         }
+        self.bulk = n == buf.len();
+        // Written at once if `dst` was writable when last seen (tokio's
+        // readiness: no system call if it was not).
+        let written = match dst.try_io(Interest::WRITABLE, || {
+            Ok(send(dst.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL)?)
+        }) {
+            Ok(m) => m,
+            Err(e) if is_retry(&e) => 0,
+            Err(e) => return Err((Side::Dst, e)),
+        };
+        if written < n {
+            self.spill.extend_from_slice(&buf[written..n]);
+            self.sent = 0;
+        }
+        Ok(Filled::Moved { n, written })
+    }
+
+    /// One write of held bytes to `dst`, and how they went (copied from
+    /// the spill or spliced from the pipe). To be called inside
+    /// `dst.try_io(WRITABLE, ..)` with bytes held.
+    fn drain_into(&mut self, dst: &TcpStream) -> io::Result<(usize, RelayMode)> {
+        debug_assert!(self.held() > 0);
+        if self.sent < self.spill.len() {
+            let n = send(
+                dst.as_raw_fd(),
+                &self.spill[self.sent..],
+                MsgFlags::MSG_NOSIGNAL,
+            )?;
+            self.sent += n;
+            if self.sent == self.spill.len() {
+                self.spill.clear();
+                self.sent = 0;
+            }
+            return Ok((n, RelayMode::Copy));
+        }
+        let pipe = self.pipe.as_ref().ok_or_else(not_acquired)?;
+        // A peer that is gone makes this EPIPE; SIGPIPE is ignored by the
+        // Rust runtime, as in every Rust binary.
+        let n = splice(
+            pipe.read_end(),
+            None,
+            dst.as_fd(),
+            None,
+            self.piped,
+            SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+        )?;
+        debug_assert!(n <= self.piped, "spliced out more than went in");
+        self.piped -= n;
+        Ok((n, RelayMode::Splice))
     }
 }
 
@@ -227,7 +286,6 @@ fn not_acquired() -> io::Error {
 #[derive(Debug)]
 pub(super) struct Pump<'a> {
     dir: Direction,
-    mode: RelayMode,
     src: &'a TcpStream,
     dst: &'a TcpStream,
     holding: Holding,
@@ -250,7 +308,6 @@ impl<'a> Pump<'a> {
     ) -> Pump<'a> {
         Pump {
             dir,
-            mode,
             src,
             dst,
             holding: Holding::new(mode),
@@ -315,12 +372,7 @@ impl<'a> Pump<'a> {
                 let holding = &mut self.holding;
                 let dst = self.dst;
                 match dst.try_io(Interest::WRITABLE, || holding.drain_into(dst)) {
-                    Ok(n) => {
-                        self.delivered += n as u64;
-                        debug_assert!(self.delivered <= self.taken);
-                        self.active = true;
-                        observer.relayed(self.mode, self.dir, n as u64);
-                    }
+                    Ok((n, how)) => self.delivered_now(n, how, observer),
                     Err(e) if is_retry(&e) => {}
                     Err(e) => return Poll::Ready(Err(self.fault(self.dst_culprit(), e))),
                 }
@@ -348,21 +400,44 @@ impl<'a> Pump<'a> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fault(self.src_culprit(), e))),
                 Poll::Ready(Ok(())) => {}
             }
-            if let Err(e) = self.holding.acquire() {
-                return Poll::Ready(Err(self.fault(Culprit::Local, e)));
+            if self.holding.splices() {
+                if let Err(e) = self.holding.acquire_pipe() {
+                    return Poll::Ready(Err(self.fault(Culprit::Local, e)));
+                }
+                let holding = &mut self.holding;
+                let src = self.src;
+                match src.try_io(Interest::READABLE, || holding.splice_from(src)) {
+                    Ok(0) => self.src_eof = true,
+                    Ok(n) => {
+                        self.taken += n as u64;
+                        self.active = true;
+                    }
+                    Err(e) if is_retry(&e) => {}
+                    Err(e) => return Poll::Ready(Err(self.fault(self.src_culprit(), e))),
+                }
+                continue;
             }
-            let holding = &mut self.holding;
-            let src = self.src;
-            match src.try_io(Interest::READABLE, || holding.fill_from(src)) {
-                Ok(0) => self.src_eof = true,
-                Ok(n) => {
+            match self.holding.copy(self.src, self.dst) {
+                Ok(Filled::Eof) => self.src_eof = true,
+                Ok(Filled::Moved { n, written }) => {
                     self.taken += n as u64;
                     self.active = true;
+                    if written > 0 {
+                        self.delivered_now(written, RelayMode::Copy, observer);
+                    }
                 }
-                Err(e) if is_retry(&e) => {}
-                Err(e) => return Poll::Ready(Err(self.fault(self.src_culprit(), e))),
+                Err((_, e)) if is_retry(&e) => {}
+                Err((Side::Src, e)) => return Poll::Ready(Err(self.fault(self.src_culprit(), e))),
+                Err((Side::Dst, e)) => return Poll::Ready(Err(self.fault(self.dst_culprit(), e))),
             }
         }
+    }
+
+    fn delivered_now(&mut self, n: usize, how: RelayMode, observer: &dyn RelayObserver) {
+        self.delivered += n as u64;
+        debug_assert!(self.delivered <= self.taken);
+        self.active = true;
+        observer.relayed(how, self.dir, n as u64);
     }
 }
 

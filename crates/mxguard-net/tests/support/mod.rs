@@ -46,24 +46,34 @@ pub async fn peers() -> Peers {
     }
 }
 
-/// Counts what the relay reports, per direction.
+/// Counts what the relay reports, per direction, and how much of it
+/// went through a pipe.
 #[derive(Debug, Default)]
 pub struct Counting {
     pub up: AtomicU64,
     pub down: AtomicU64,
+    pub spliced: AtomicU64,
 }
 
 impl RelayObserver for Counting {
-    fn relayed(&self, _mode: RelayMode, dir: Direction, n: u64) {
+    fn relayed(&self, mode: RelayMode, dir: Direction, n: u64) {
         let counter = match dir {
             Direction::Upstream => &self.up,
             Direction::Downstream => &self.down,
         };
         counter.fetch_add(n, Ordering::Relaxed);
+        if mode == RelayMode::Splice {
+            self.spliced.fetch_add(n, Ordering::Relaxed);
+        }
     }
 }
 
 impl Counting {
+    /// Bytes that went through a pipe (splice), either way.
+    pub fn spliced(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> RelayStats {
         RelayStats {
             up: self.up.load(Ordering::Relaxed),
