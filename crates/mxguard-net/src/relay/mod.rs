@@ -325,7 +325,7 @@ mod tests {
         );
     }
 
-    /// A bulk transfer grows its pump's pipe once it has moved a MiB
+    /// A bulk transfer grows its pump's pipe once it has spliced 64 KiB
     /// (where the kernel allows it), and the big pipe waits in the pool
     /// afterwards, empty.
     #[tokio::test(flavor = "current_thread")]
@@ -341,11 +341,11 @@ mod tests {
         }
     }
 
-    /// Mail under a MiB, the common case, never takes a big pipe from the
+    /// Mail under 64 KiB, the common case, never takes a big pipe from the
     /// budget.
     #[tokio::test(flavor = "current_thread")]
-    async fn a_message_under_a_mib_keeps_a_default_pipe() {
-        let mail = pattern(4, 900 << 10);
+    async fn a_message_under_64_kib_keeps_a_default_pipe() {
+        let mail = pattern(4, 60 << 10);
         let (mta_got, _, stats) = exchange(&mail, b"250 ok\r\n").await;
         assert!(mta_got == mail, "the MTA got different bytes");
         assert_eq!(stats.up, mail.len() as u64);

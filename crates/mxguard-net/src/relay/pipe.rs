@@ -9,7 +9,7 @@
 //!
 //! Big pipes. A default pipe holds 16 pages (64 KiB): a bulk transfer then
 //! costs two splice calls, a TCP push and a wake-up of the receiver per
-//! 64 KiB. A pump that has moved a MiB and still fills half its pipe per
+//! 64 KiB. A pump that has spliced 64 KiB and still fills half its pipe per
 //! read grows its pipe to [`BIG_PIPE`] (`F_SETPIPE_SZ`), which cuts those
 //! per-chunk costs by the ratio of the sizes. Pipe pages are accounted per user: once a user's
 //! pipes hold more than `/proc/sys/fs/pipe-user-pages-soft` pages (16,384 by

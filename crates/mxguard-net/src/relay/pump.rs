@@ -32,12 +32,13 @@ use tokio::net::TcpStream;
 use super::pipe::Pipe;
 use super::{Direction, RelayMode, RelayObserver};
 
-/// A direction that has moved this much, and still fills half its pipe per
-/// read, is a bulk transfer, and its pipe grows. Not sooner: most mail is
-/// smaller, and 1 MB messages were 1-4 % slower with the pipe grown after
-/// their first 64 KiB, while 10 MB ones gain as much either way (A/B in
-/// `bench/analysis.md`).
-const GROW_AFTER: u64 = 1 << 20;
+/// A direction that has spliced this much (a default pipe's worth), and
+/// still fills half its pipe per read, is a bulk transfer, and its pipe
+/// grows. Since small turns are copied, growing after the first 64 KiB
+/// rather than the first MiB made 1 MB messages ~7 % faster at ~15 % less
+/// CPU per GB, and 10 MB ones no slower (A/B in `bench/analysis.md`; with
+/// every turn spliced it had made 1 MB messages 1-4 % slower).
+const GROW_AFTER: u64 = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Culprit {
