@@ -65,6 +65,14 @@ def bot_http_get(c):
     c.send(b"GET / HTTP/1.1\r\nHost: mx.example.test\r\nUser-Agent: Mozilla/5.0\r\n\r\n")
 
 
+def bot_http_get_in_pieces(c):
+    """The same request, its first line split over two writes: the guard
+    looks at a line's start again as it grows."""
+    c.send(b"GE")
+    time.sleep(0.2)
+    c.send(b"T / HTTP/1.1\r\nHost: mx.example.test\r\nUser-Agent: Mozilla/5.0\r\n\r\n")
+
+
 def bot_tls_hello(c):
     c.send(client_hello())
 
@@ -110,6 +118,7 @@ BOTS = {
     "early-data": (bot_early_data, "early-data", "message data sent before 354", "Subject: bot"),
     "http-connect": (bot_http_connect, "non-smtp", "non-SMTP command: CONNECT 192.0.2.25:25", "CONNECT"),
     "http-get": (bot_http_get, "non-smtp", "non-SMTP command: GET / HTTP/1.1", "GET /"),
+    "http-get-in-pieces": (bot_http_get_in_pieces, "non-smtp", "non-SMTP command: GET / HTTP/1.1", "GE"),
     "tls-client-hello": (bot_tls_hello, "tls-on-plaintext", "TLS handshake on the plaintext port", None),
     "bare-lf": (bot_bare_lf, "bare-lf", "command line ended with a bare LF", "EHLO"),
     "10kB-line": (bot_long_line, "long-line", "command line of ", "aaaaaaaaaa"),

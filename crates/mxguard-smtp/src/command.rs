@@ -139,8 +139,22 @@ const HTTP_PREFIXES: &[&[u8]] = &[
     b"REFERER:",
 ];
 
+/// How many of a line's first bytes [`foreign`] needs to be sure (the
+/// longest prefix it looks for); a line's whole start if it is shorter.
+pub const FOREIGN_NEEDS: usize = {
+    let mut longest = 2;
+    let mut i = 0;
+    while i < HTTP_PREFIXES.len() {
+        if HTTP_PREFIXES[i].len() > longest {
+            longest = HTTP_PREFIXES[i].len();
+        }
+        i += 1;
+    }
+    longest
+};
+
 /// Recognises the start of a command line that is not SMTP. Needs only the
-/// first bytes of the line.
+/// first bytes of the line ([`FOREIGN_NEEDS`]).
 pub fn foreign(line_start: &[u8]) -> Option<Foreign> {
     // TLS record: handshake (22), version 3.x.
     if line_start.len() >= 2 && line_start[0] == 0x16 && line_start[1] == 0x03 {

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::body::{BodyScanner, Smuggling, SmugglingPolicy};
-use crate::command::{envelope_address, foreign, parse_bdat, Foreign, Verb};
+use crate::command::{envelope_address, foreign, parse_bdat, Foreign, Verb, FOREIGN_NEEDS};
 use crate::ehlo::{edit_ehlo_reply, EhloEdit, Offered};
 use crate::escape::escape_capped;
 use crate::reply::{ReplyError, ReplyReader};
@@ -413,6 +413,10 @@ pub struct TurnTracker {
     held_mail: Option<Vec<u8>>,
     /// The current line's turn was already checked (before a pause).
     turn_checked: bool,
+    /// The current line's first read was too short for [`foreign`] to be
+    /// sure: it looks again as the line's next bytes come (a client that
+    /// writes `GE`, then `T / HTTP/1.1`, is still seen).
+    foreign_unsure: bool,
 }
 
 impl TurnTracker {
@@ -448,6 +452,7 @@ impl TurnTracker {
             paused: false,
             held_mail: None,
             turn_checked: false,
+            foreign_unsure: false,
         }
     }
 
@@ -783,6 +788,10 @@ impl TurnTracker {
             }
             return take;
         }
+        if self.foreign_unsure && self.split_line_is_foreign(&data[..take], complete) {
+            // Held, with the rest, until the caller has applied its policy.
+            return 0;
+        }
         self.line.extend_from_slice(&data[..take]);
         // RFC 4954 §4: a SASL response line may be up to 12288 octets.
         let limit = if matches!(self.client, ClientState::SaslLine) {
@@ -813,12 +822,11 @@ impl TurnTracker {
 
     /// The first byte of a command arrived: is it its turn?
     fn turn_starts(&mut self, now: Instant, data: &[u8]) {
-        if let Some(kind) = foreign(data) {
-            match kind {
-                Foreign::Http => self.violation(Violation::NonSmtp {
-                    first_bytes: escape_capped(data, 64),
-                }),
-                Foreign::TlsHandshake => self.violation(Violation::TlsHandshake),
+        match foreign(data) {
+            Some(kind) => self.foreign_violation(kind, data),
+            None => {
+                self.foreign_unsure =
+                    data.len() < FOREIGN_NEEDS && memchr::memchr(b'\n', data).is_none();
             }
         }
         let sasl = matches!(self.client, ClientState::SaslLine);
@@ -833,6 +841,41 @@ impl TurnTracker {
             verb,
             gap: now.saturating_duration_since(self.last_reply_at),
         });
+    }
+
+    /// More of a line whose first read was too short for [`foreign`]:
+    /// whether its start, now longer, is not SMTP (reported, and the
+    /// tracker paused before these bytes are taken).
+    fn split_line_is_foreign(&mut self, more: &[u8], complete: bool) -> bool {
+        let mut start = [0u8; FOREIGN_NEEDS];
+        let old = self.line.len().min(FOREIGN_NEEDS);
+        start[..old].copy_from_slice(&self.line[..old]);
+        let new = more.len().min(FOREIGN_NEEDS - old);
+        start[old..old + new].copy_from_slice(&more[..new]);
+        let start = &start[..old + new];
+        if complete || start.len() == FOREIGN_NEEDS {
+            self.foreign_unsure = false;
+        }
+        match foreign(start) {
+            Some(kind) => {
+                self.foreign_unsure = false;
+                // Shown as a line read whole is: its first 64 bytes.
+                let mut shown = self.line.clone();
+                shown.extend_from_slice(&more[..more.len().min(64)]);
+                self.foreign_violation(kind, &shown);
+                self.paused
+            }
+            None => false,
+        }
+    }
+
+    fn foreign_violation(&mut self, kind: Foreign, first_bytes: &[u8]) {
+        match kind {
+            Foreign::Http => self.violation(Violation::NonSmtp {
+                first_bytes: escape_capped(first_bytes, 64),
+            }),
+            Foreign::TlsHandshake => self.violation(Violation::TlsHandshake),
+        }
     }
 
     /// The unanswered step the client should have waited for, if any: a
@@ -1577,6 +1620,40 @@ mod tests {
         let mut s = Sim::new(TrackerConfig::default());
         s.client_sends(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03");
         assert_eq!(s.violations(), ["tls-on-plaintext"]);
+    }
+
+    /// A line's start split over reads (a byte at a time, even) is looked
+    /// at again as it grows: the violation fires before the line goes on,
+    /// and the whole line reaches the MTA once the caller proceeds.
+    #[test]
+    fn non_smtp_split_over_reads_is_still_named() {
+        for (line, test) in [
+            (&b"GET / HTTP/1.1\r\n"[..], "non-smtp"),
+            (b"PROXY-CONNECTION: keep-alive\r\n", "non-smtp"),
+            (b"\x16\x03\x01\x00\xa5\r\n", "tls-on-plaintext"),
+        ] {
+            for cut in 1..line.len() {
+                let mut s = Sim::new(TrackerConfig::default());
+                s.client_sends(&line[..cut]);
+                s.client_sends(&line[cut..]);
+                assert_eq!(s.violations(), [test], "{line:?} cut at {cut}");
+                s.t.proceed(s.now);
+                s.flush();
+                assert_eq!(s.take_mta(), line, "{line:?} cut at {cut}");
+            }
+            let mut s = Sim::new(TrackerConfig::default());
+            for b in line {
+                s.client_sends(std::slice::from_ref(b));
+                s.t.proceed(s.now);
+            }
+            s.flush();
+            assert_eq!(s.violations(), [test], "{line:?} a byte at a time");
+            assert_eq!(s.take_mta(), line, "{line:?} a byte at a time");
+        }
+        // SMTP split the same way is not foreign.
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"EH").client_sends(b"LO c.example\r\n");
+        assert!(s.violations().is_empty(), "{:?}", s.violations());
     }
 
     #[test]
