@@ -695,11 +695,11 @@ impl TurnTracker {
             self.held.extend_from_slice(data);
             return;
         }
-        // Commands are short: growing the output from nothing a few bytes
-        // at a time took ~8 reallocations a session.
-        if self.to_upstream.capacity() == 0 {
-            self.to_upstream.reserve(UPSTREAM_FIRST);
-        }
+        // Room for all of it at once: commands grown from nothing a few
+        // bytes at a time took ~8 reallocations a session, and a body's
+        // lines, copied one by one, three more (256 to 2,048 bytes for a
+        // 1 KB message).
+        self.to_upstream.reserve(data.len().max(UPSTREAM_FIRST));
         self.process(now, data);
     }
 
