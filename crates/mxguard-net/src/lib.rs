@@ -34,6 +34,9 @@
 //! // nanosecond waits where tokio's 1 ms wheel is too coarse (timerfd)
 //! pub struct FineTimer; fn new(), fn arm(after), async fn fired()
 //!
+//! // the global allocator: malloc, over-aligned blocks without posix_memalign
+//! pub struct Allocator;
+//!
 //! // timing features
 //! pub fn tcp_rtt(sock: &impl AsFd) -> io::Result<Duration>
 //! ```
@@ -46,6 +49,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod alloc;
 pub mod epoll;
 pub mod fine_timer;
 pub mod orig_dst;
@@ -53,6 +57,7 @@ pub mod relay;
 pub mod sockets;
 pub mod tcp_info;
 
+pub use alloc::Allocator;
 pub use epoll::watched_poll;
 pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;

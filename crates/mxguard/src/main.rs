@@ -38,6 +38,11 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Overrides};
 
+/// malloc, with tokio's cache-padded blocks served from its fast path
+/// (see `mxguard_net::alloc`).
+#[global_allocator]
+static ALLOCATOR: mxguard_net::Allocator = mxguard_net::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "mxguard",
