@@ -289,8 +289,8 @@ def section_rate(run: Run) -> None:
         rate = median([x["rate"] for x in results[path]])
         cpu = median([x["cpu_us"] for x in results[path]]) if path != "direct" else None
         vs_hap = "n/a"
-        if cpu and run.haproxy:
-            per_round = round_ratios(results[path], results["haproxy"])
+        per_round = round_ratios(results[path], results["haproxy"]) if cpu and run.haproxy else []
+        if per_round:
             vs_hap = f"{median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
         out.append(f"| {label(path)} | {fmt(rate)} | {ratio(rate, direct)} | {fmt(cpu, 1)} | {vs_hap} |")
     run.rate = results
@@ -853,10 +853,11 @@ def section_targets(run: Run) -> None:
         if "haproxy" in rate:
             cpu = median([x["cpu_us"] for x in rate["mxguard"]])
             hap = median([x["cpu_us"] for x in rate["haproxy"]])
-            per_round = median(round_ratios(rate["mxguard"], rate["haproxy"]))
+            per_round = round_ratios(rate["mxguard"], rate["haproxy"])
+            mid = median(per_round) if per_round else math.nan
             row("less CPU per message than HAProxy",
-                f"{fmt(cpu, 1)} µs vs {fmt(hap, 1)} µs ({per_round:.2f}, median of the rounds' ratios)",
-                per_round < 1.0)
+                f"{fmt(cpu, 1)} µs vs {fmt(hap, 1)} µs ({mid:.2f}, median of the rounds' ratios)",
+                mid < 1.0)
     bulk = getattr(run, "bulk", None)
     if bulk:
         for size in sorted({s for s, _ in bulk}):
