@@ -141,7 +141,20 @@ mod tests {
                     for i in 0..size {
                         assert_eq!(q.add(i).read(), i as u8);
                     }
-                    Allocator.dealloc(q, Layout::from_size_align_unchecked(size * 3, align));
+                    // Shrunk back: the first bytes stay.
+                    let r = Allocator.realloc(
+                        q,
+                        Layout::from_size_align_unchecked(size * 3, align),
+                        size,
+                    );
+                    assert_eq!(r as usize % align, 0, "shrink, size {size} align {align}");
+                    for i in 0..size {
+                        assert_eq!(r.add(i).read(), i as u8);
+                    }
+                    // Dirtied and freed, so that a zeroed block of the same
+                    // layout (malloc's cache gives it back) must be cleared.
+                    ptr::write_bytes(r, 0xAA, size);
+                    Allocator.dealloc(r, layout);
 
                     let z = Allocator.alloc_zeroed(layout);
                     assert_eq!(z as usize % align, 0);

@@ -264,6 +264,12 @@ async fn the_relay_future_is_small_and_send() {
 /// pipe; a bulk burst goes through the pipe, zero-copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splice_mode_copies_small_turns_and_splices_bulk() {
+    tokio::time::timeout(Duration::from_secs(20), small_turns_and_bulk())
+        .await
+        .expect("the relay stalled");
+}
+
+async fn small_turns_and_bulk() {
     let (client, mta, observer, relayed) = start_relay(peers().await, RelayMode::Splice, LONG_IDLE);
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mta_rd, mut mta_wr) = mta.into_split();
@@ -304,5 +310,45 @@ async fn splice_mode_copies_small_turns_and_splices_bulk() {
         body.len()
     );
     drop((client_wr, mta_wr));
+    finished(relayed).await.unwrap();
+}
+
+/// A burst whose last splice brings 16 KiB or more still ends with it: the
+/// MTA's reply, then the client's next command, small, copied. The body
+/// is queued whole before the relay first runs (one thread), so the burst
+/// ends on a 48 KiB splice: 16 KiB copied, the rest at once.
+#[tokio::test(flavor = "current_thread")]
+async fn the_turn_after_a_burst_is_copied() {
+    let (client, mta, observer, relayed) = start_relay(peers().await, RelayMode::Splice, LONG_IDLE);
+    let body = pattern(5, 64 << 10);
+    let mut queued = 0;
+    while queued < body.len() {
+        queued += client.try_write(&body[queued..]).unwrap();
+    }
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mta_rd, mut mta_wr) = mta.into_split();
+    let mut mta_rd = BufReader::new(mta_rd);
+    let turns = async {
+        let mut got = vec![0u8; body.len()];
+        mta_rd.read_exact(&mut got).await.unwrap();
+        assert!(got == body, "the MTA got different bytes");
+        let spliced = observer.spliced();
+        assert!(spliced > 0, "the burst was not spliced");
+        mta_wr.write_all(b"250 ok\r\n").await.unwrap();
+        client_rd.read_exact(&mut [0u8; 8]).await.unwrap();
+        client_wr.write_all(b"QUIT\r\n").await.unwrap();
+        let mut line = String::new();
+        mta_rd.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "QUIT\r\n");
+        assert_eq!(
+            observer.spliced(),
+            spliced,
+            "the QUIT after the burst was spliced"
+        );
+        drop((client_wr, mta_wr));
+    };
+    tokio::time::timeout(Duration::from_secs(20), turns)
+        .await
+        .expect("the relay stalled");
     finished(relayed).await.unwrap();
 }

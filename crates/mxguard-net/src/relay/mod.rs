@@ -194,8 +194,16 @@ pub async fn relay(
             up: up.delivered(),
             down: down.delivered(),
         };
+        let (up_before, down_before) = (up.delivered(), down.delivered());
         let up_result = up.poll(cx, observer);
         let down_result = down.poll(cx, observer);
+        // A turn the other way ends a bulk burst (see `Pump::end_burst`).
+        if down.delivered() > down_before {
+            up.end_burst();
+        }
+        if up.delivered() > up_before {
+            down.end_burst();
+        }
         if up.take_activity() | down.take_activity() {
             last_activity = Instant::now();
         }

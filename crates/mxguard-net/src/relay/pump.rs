@@ -328,6 +328,14 @@ impl<'a> Pump<'a> {
         self.done
     }
 
+    /// The other direction answered: a bulk burst this way is over, and
+    /// the next turn is read and written at once, as small turns are. (A
+    /// burst's last splice may bring 16 KiB or more and leave the flag on;
+    /// an SMTP turn after a message body comes after the MTA's reply.)
+    pub(super) fn end_burst(&mut self) {
+        self.holding.bulk = false;
+    }
+
     /// Whether a byte moved since the last call.
     pub(super) fn take_activity(&mut self) -> bool {
         std::mem::take(&mut self.active)
