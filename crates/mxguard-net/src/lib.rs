@@ -18,6 +18,8 @@
 //!     -> io::Result<Vec<std::net::TcpListener>>   // SO_REUSEPORT group, one per thread
 //! pub async fn connect_upstream(dst: SocketAddr, bind: Option<SocketAddr>, timeout: Duration)
 //!     -> io::Result<tokio::net::TcpStream>
+//! pub fn read_turn(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize>
+//!     // one read; a short one clears the socket's readiness (no EAGAIN read)
 //!
 //! // the relay, once inspection is over
 //! pub async fn relay(client: &TcpStream, upstream: &TcpStream, mode: RelayMode,
@@ -62,5 +64,5 @@ pub use epoll::watched_poll;
 pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;
 pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
-pub use sockets::{bind_listener, bind_listeners, connect_upstream};
+pub use sockets::{bind_listener, bind_listeners, connect_upstream, read_turn};
 pub use tcp_info::tcp_rtt;

@@ -1,12 +1,39 @@
 //! Listening sockets and upstream connections, including the transparent
 //! (TPROXY) variants.
 
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
+
+/// One read of what a readable socket holds into `buf`, without waiting:
+/// its count (0: end of stream), or `WouldBlock` if there was nothing.
+///
+/// A read shorter than `buf` took all a TCP socket had, so its readiness
+/// is cleared now rather than by the `EAGAIN` of one more read (a system
+/// call saved per turn); bytes or a FIN arriving later raise a new edge,
+/// and tokio keeps readiness newer than the one it cleared. A FIN already
+/// seen is not lost either: tokio never clears a socket's read-closed
+/// readiness, so the next poll is ready at once and its read returns the
+/// end of the stream.
+pub fn read_turn(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let read = stream.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(stream)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, short) {
+        (Err(_), Some(n)) => Ok(n),
+        (read, _) => read,
+    }
+}
 
 /// A nonblocking, close-on-exec TCP listener, ready to hand to
 /// `tokio::net::TcpListener::from_std`.

@@ -11,7 +11,7 @@
 //! the client gets a `451` and retries.
 
 use std::future::Future;
-use std::io::{self, Read};
+use std::io;
 use std::task::Poll;
 
 use mxguard_net::{Direction, RelayMode, RelayObserver};
@@ -20,8 +20,7 @@ use mxguard_policy::Verdict;
 use mxguard_smtp::{
     Disposition, Event, ReplyDelays, SmugglingPolicy, TrackerConfig, TurnTracker, Violation,
 };
-use socket2::SockRef;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
@@ -379,15 +378,8 @@ thread_local! {
 }
 
 /// Reads what the socket holds into the thread's buffer and hands the
-/// bytes (if any) to `take`; returns their count (0: end of stream).
-///
-/// A read shorter than the buffer took all a TCP socket had, so its
-/// readiness is cleared now rather than by the EAGAIN of one more read (a
-/// syscall saved per turn each way); bytes or a FIN arriving later raise a
-/// new edge, and tokio keeps readiness that came after the one observed.
-/// A FIN already seen is not lost either: tokio never clears a socket's
-/// read-closed readiness, so the next poll is ready at once and its read
-/// returns the end of the stream.
+/// bytes (if any) to `take`; returns their count (0: end of stream). A
+/// short read clears the socket's readiness (`mxguard_net::read_turn`).
 pub(crate) fn read_turn(stream: &TcpStream, take: impl FnOnce(&[u8])) -> io::Result<usize> {
     READ_BUF.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => read_turn_into(stream, &mut buf, take),
@@ -401,19 +393,7 @@ fn read_turn_into(
     buf: &mut [u8],
     take: impl FnOnce(&[u8]),
 ) -> io::Result<usize> {
-    let mut short = None;
-    let result = stream.try_io(Interest::READABLE, || {
-        let n = (&*SockRef::from(stream)).read(buf)?;
-        if n > 0 && n < buf.len() {
-            short = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    let n = match (result, short) {
-        (Err(_), Some(n)) => n,
-        (result, _) => result?,
-    };
+    let n = mxguard_net::read_turn(stream, buf)?;
     if n > 0 {
         take(&buf[..n]);
     }

@@ -24,13 +24,14 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::task::{ready, Context, Poll};
 
 use nix::fcntl::{splice, SpliceFFlags};
-use nix::sys::socket::{recv, send, MsgFlags};
+use nix::sys::socket::{send, MsgFlags};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::pipe::Pipe;
 use super::{Direction, RelayMode, RelayObserver};
+use crate::sockets::read_turn;
 
 /// A direction that has spliced this much (a default pipe's worth), and
 /// still fills half its pipe per read, is a bulk transfer, and its pipe
@@ -206,24 +207,8 @@ impl Holding {
         dst: &TcpStream,
         buf: &mut [u8],
     ) -> Result<Filled, (Side, io::Error)> {
-        // A read shorter than the buffer took all the socket had: its
-        // readiness is cleared now rather than by the EAGAIN of one more
-        // read. Bytes or a FIN arriving later raise a new edge (tokio keeps
-        // readiness newer than the one observed), and tokio never clears a
-        // socket's read-closed readiness, so a FIN already seen is not lost.
-        let mut short = None;
-        let read = src.try_io(Interest::READABLE, || {
-            let n = recv(src.as_raw_fd(), buf, MsgFlags::empty())?;
-            if n > 0 && n < buf.len() {
-                short = Some(n);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        let n = match (read, short) {
-            (Err(_), Some(n)) => n,
-            (read, _) => read.map_err(|e| (Side::Src, e))?,
-        };
+        // A short read clears the socket's readiness (see `read_turn`).
+        let n = read_turn(src, buf).map_err(|e| (Side::Src, e))?;
         if n == 0 {
             return Ok(Filled::Eof);
         }
