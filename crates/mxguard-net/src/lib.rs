@@ -20,6 +20,8 @@
 //!     -> io::Result<tokio::net::TcpStream>
 //! pub fn read_turn(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize>
 //!     // one read; a short one clears the socket's readiness (no EAGAIN read)
+//! pub fn with_turn_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R
+//!     // the thread's one 16 KiB read buffer (TURN_BUFFER), for the watch and the relay
 //!
 //! // the relay, once inspection is over
 //! pub async fn relay(client: &TcpStream, upstream: &TcpStream, mode: RelayMode,
@@ -64,5 +66,7 @@ pub use epoll::watched_poll;
 pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;
 pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
-pub use sockets::{bind_listener, bind_listeners, connect_upstream, read_turn};
+pub use sockets::{
+    bind_listener, bind_listeners, connect_upstream, read_turn, with_turn_buffer, TURN_BUFFER,
+};
 pub use tcp_info::tcp_rtt;

@@ -1,6 +1,7 @@
 //! Listening sockets and upstream connections, including the transparent
 //! (TPROXY) variants.
 
+use std::cell::RefCell;
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,6 +9,30 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
+
+/// Bytes asked of one read of a turn: more than an SMTP turn, so that a
+/// read that comes back short took all the socket had.
+pub const TURN_BUFFER: usize = 16 * 1024;
+
+thread_local! {
+    /// The read buffer of every session on this thread, watched or
+    /// relayed: a read's bytes are taken (the tracker keeps what it must,
+    /// the relay writes them or spills the rest) before anything else runs
+    /// on the thread, so a session needs no buffer of its own (it was
+    /// 16 KiB of every watched session's memory, allocated and zeroed for
+    /// each one; the relay's copy mode allocated one per turn).
+    static TURN_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; TURN_BUFFER].into_boxed_slice());
+}
+
+/// Runs `f` with this thread's read buffer ([`TURN_BUFFER`] bytes, what the
+/// last user left in it).
+pub fn with_turn_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    TURN_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        // Never nested; if it were, a buffer of its own rather than a panic.
+        Err(_) => f(&mut vec![0u8; TURN_BUFFER]),
+    })
+}
 
 /// One read of what a readable socket holds into `buf`, without waiting:
 /// its count (0: end of stream), or `WouldBlock` if there was nothing.

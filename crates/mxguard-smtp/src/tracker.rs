@@ -823,7 +823,10 @@ impl TurnTracker {
     /// The first byte of a command arrived: is it its turn?
     fn turn_starts(&mut self, now: Instant, data: &[u8]) {
         match foreign(data) {
-            Some(kind) => self.foreign_violation(kind, data),
+            Some(kind) => {
+                self.foreign_unsure = false;
+                self.foreign_violation(kind, data);
+            }
             None => {
                 self.foreign_unsure =
                     data.len() < FOREIGN_NEEDS && memchr::memchr(b'\n', data).is_none();

@@ -363,29 +363,11 @@ fn ready_or_closed(poll: Poll<io::Result<()>>) -> Option<bool> {
     }
 }
 
-/// Bytes asked of one read: more than an SMTP turn, so that a read that
-/// comes back short took all the socket had.
-const READ_BUFFER: usize = 16 * 1024;
-
-thread_local! {
-    /// The read buffer of every watched session on this thread. A read's
-    /// bytes are handed to the tracker, which keeps what it must, before
-    /// anything else runs on the thread; so a session needs no buffer of
-    /// its own (it was 16 KiB of every watched session's memory, allocated
-    /// and zeroed for each one).
-    static READ_BUF: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0u8; READ_BUFFER].into_boxed_slice());
-}
-
 /// Reads what the socket holds into the thread's buffer and hands the
 /// bytes (if any) to `take`; returns their count (0: end of stream). A
 /// short read clears the socket's readiness (`mxguard_net::read_turn`).
 pub(crate) fn read_turn(stream: &TcpStream, take: impl FnOnce(&[u8])) -> io::Result<usize> {
-    READ_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => read_turn_into(stream, &mut buf, take),
-        // Never nested; if it were, a buffer of its own rather than a panic.
-        Err(_) => read_turn_into(stream, &mut vec![0u8; READ_BUFFER], take),
-    })
+    mxguard_net::with_turn_buffer(|buf| read_turn_into(stream, buf, take))
 }
 
 fn read_turn_into(

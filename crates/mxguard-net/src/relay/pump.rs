@@ -1,5 +1,5 @@
 //! One direction of a relayed session: bytes from `src` to `dst`, ending in
-//! a half-close. A turn is read into the thread's scratch buffer and written
+//! a half-close. A turn is read into the thread's read buffer and written
 //! at once; in splice mode a bulk burst goes through a pipe (see
 //! [`Holding`]).
 //!
@@ -17,7 +17,6 @@
 //! sender), and lets the pump hand its pipe or spilled bytes' memory back
 //! whenever it waits for the source, so an idle session holds neither.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd};
@@ -31,7 +30,7 @@ use tokio::net::TcpStream;
 
 use super::pipe::Pipe;
 use super::{Direction, RelayMode, RelayObserver};
-use crate::sockets::read_turn;
+use crate::sockets::{read_turn, with_turn_buffer, TURN_BUFFER};
 
 /// A direction that has spliced this much (a default pipe's worth), and
 /// still fills half its pipe per read, is a bulk transfer, and its pipe
@@ -41,6 +40,7 @@ use crate::sockets::read_turn;
 /// every turn spliced it had made 1 MB messages 1-4 % slower).
 const GROW_AFTER: u64 = 64 << 10;
 
+/// Who a failed I/O call is blamed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Culprit {
     Client,
@@ -55,31 +55,19 @@ pub(super) struct Fault {
     pub(super) error: io::Error,
 }
 
-/// A read into the thread's scratch buffer that fills it starts a bulk
-/// burst (spliced, in splice mode). Also the most one copying read takes.
-const SCRATCH: usize = 16 * 1024;
-
-thread_local! {
-    /// Where every pump on this thread reads a turn that it then writes at
-    /// once: a turn's bytes are in it only during one call of
-    /// [`Pump::poll`], and what a short write leaves is copied out, so a
-    /// pump holds no buffer of its own between turns.
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
-
 /// Where the bytes wait between the read from `src` and the write to `dst`.
 ///
-/// Every turn is first read into the thread's scratch buffer and written
+/// Every turn is first read into the thread's read buffer and written
 /// at once: one `recv` and one `send`, the fewest system calls a turn can
 /// take (a pipe takes a splice each way, another to find the socket empty,
 /// and a `FIONREAD` before it goes back to the pool). In splice mode a read
-/// that fills the scratch buffer is a bulk burst: the next reads go through
-/// a pipe, zero-copy, until one brings less than the scratch holds (HAProxy's
+/// that fills the buffer is a bulk burst: the next reads go through
+/// a pipe, zero-copy, until one brings less than that buffer holds (HAProxy's
 /// `splice-auto` decides the same way).
 #[derive(Debug)]
 struct Holding {
     mode: RelayMode,
-    /// Read from the scratch buffer but not yet written (a write fell
+    /// Read into the thread's buffer but not yet written (a write fell
     /// short): `spill[sent..]` is still to go.
     spill: Vec<u8>,
     sent: usize,
@@ -182,23 +170,21 @@ impl Holding {
         self.full = n >= pipe.capacity() / 2;
         self.total = self.total.saturating_add(n as u64);
         // A small chunk: the burst is over, the next turn is copied.
-        if n < SCRATCH {
+        if n < TURN_BUFFER {
             self.bulk = false;
         }
         Ok(n)
     }
 
-    /// One read from `src` into the thread's scratch buffer, written to
+    /// One read from `src` into the thread's read buffer, written to
     /// `dst` at once as far as it takes it; the rest is spilled, to be
     /// written when `dst` is writable. With nothing held. An error says
     /// which side it came from.
     fn copy(&mut self, src: &TcpStream, dst: &TcpStream) -> Result<Filled, (Side, io::Error)> {
         debug_assert_eq!(self.held(), 0);
-        SCRATCH_BUF.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => self.copy_via(src, dst, &mut buf),
-            // Never nested; if it were, a buffer of its own, not a panic.
-            Err(_) => self.copy_via(src, dst, &mut vec![0u8; SCRATCH]),
-        })
+        // The bytes are in it only during this call: what a short write
+        // leaves is copied out.
+        with_turn_buffer(|buf| self.copy_via(src, dst, buf))
     }
 
     fn copy_via(
