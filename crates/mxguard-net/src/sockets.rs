@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Bytes asked of one read of a turn: more than an SMTP turn, so that a
 /// read that comes back short took all the socket had.
@@ -64,7 +64,9 @@ pub fn read_turn(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// `tokio::net::TcpListener::from_std`.
 ///
 /// `SO_REUSEADDR` is always set (a restart must not wait out TIME_WAIT);
-/// IPv6 listeners are `IPV6_V6ONLY`, so `[::]:25` and `0.0.0.0:25` can be
+/// so is `TCP_NODELAY`, which every accepted socket inherits from its
+/// listener (the kernel clones the listener's options into the new
+/// socket), so a session needs no `setsockopt` of its own; IPv6 listeners are `IPV6_V6ONLY`, so `[::]:25` and `0.0.0.0:25` can be
 /// listened on side by side and an IPv6 socket only ever sees IPv6 clients.
 /// `transparent` sets `IP_TRANSPARENT` / `IPV6_TRANSPARENT`, which TPROXY
 /// needs to deliver connections for foreign addresses to this socket; it
@@ -122,6 +124,7 @@ fn bind(
     // socket2 opens the socket with SOCK_CLOEXEC on Linux.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
@@ -146,16 +149,22 @@ fn bind(
 /// client's real address (pass port 0 to let the kernel pick the port).
 /// This needs `CAP_NET_ADMIN` and a routing rule that brings the MTA's
 /// replies back to this host; `bind` must be of the same family as `dst`.
+///
+/// The outcome of the non-blocking connect is read off the readiness the
+/// kernel reports: writable with no error or hang-up is connected. Only a
+/// failed connect asks for `SO_ERROR` (tokio's own connect asks every
+/// time: one system call more per session).
 pub async fn connect_upstream(
     dst: SocketAddr,
     bind: Option<SocketAddr>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    // socket2 opens it with SOCK_CLOEXEC; SOCK_NONBLOCK in the same call.
+    let socket = Socket::new(
+        Domain::for_address(dst),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if let Some(src) = bind {
         if src.is_ipv4() != dst.is_ipv4() {
             return Err(io::Error::new(
@@ -163,12 +172,26 @@ pub async fn connect_upstream(
                 format!("cannot connect from {src} to {dst}: address families differ"),
             ));
         }
-        set_transparent(&SockRef::from(&socket), src)?;
-        socket.bind(src)?;
+        set_transparent(&socket, src)?;
+        socket.bind(&src.into())?;
     }
-    socket.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, socket.connect(dst)).await {
-        Ok(connected) => connected,
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    match tokio::time::timeout(timeout, stream.ready(Interest::WRITABLE)).await {
+        Ok(ready) => {
+            let ready = ready?;
+            if ready.is_error() || ready.is_write_closed() {
+                if let Some(e) = stream.take_error()? {
+                    return Err(e);
+                }
+            }
+            Ok(stream)
+        }
         Err(_elapsed) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("connect to {dst} timed out after {timeout:?}"),

@@ -48,9 +48,14 @@ async fn ipv4_listener_is_nonblocking_reusable_and_cloexec() {
     assert!(sock.reuse_address().unwrap());
     assert!(is_cloexec(&listener));
 
-    let (connected, (_accepted, peer)) =
+    assert!(sock.tcp_nodelay().unwrap());
+
+    let (connected, (accepted, peer)) =
         tokio::join!(TcpStream::connect(local), accept_one(listener));
     assert_eq!(peer, connected.unwrap().local_addr().unwrap());
+    // The guard sets no option on an accepted socket: it has the
+    // listener's TCP_NODELAY.
+    assert!(accepted.nodelay().unwrap());
 }
 
 #[tokio::test]
@@ -282,7 +287,8 @@ fn a_listener_group_shares_one_port_and_every_socket_accepts() {
     let mut total = 0;
     for l in &group {
         let mut got = 0;
-        while l.accept().is_ok() {
+        while let Ok((accepted, _)) = l.accept() {
+            assert!(SockRef::from(&accepted).tcp_nodelay().unwrap());
             got += 1;
         }
         assert!(got > 0, "a socket of the group accepted nothing");

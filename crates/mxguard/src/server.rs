@@ -550,7 +550,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                // TCP_NODELAY: inherited from the listener.
                 shared.metrics.connections_accepted.inc();
                 shared.session_started();
                 let shared = shared.clone();
