@@ -537,9 +537,13 @@ def section_bypass(run: Run) -> None:
                 net.drop_table()
                 if path == "direct-conntrack":
                     # What every path through the guard's table pays in the
-                    # kernel: connection tracking and a nat hook.
+                    # kernel: connection tracking and a nat hook. An empty
+                    # nat chain does not turn tracking on (only a rule with
+                    # a nat or ct expression does): its one rule redirects
+                    # a port nobody uses.
                     net.nft("-f", "-", check=True, input=f"table inet {BypassNet.TABLE} {{\n"
-                            "chain intercept {\ntype nat hook prerouting priority dstnat; policy accept;\n}\n}\n")
+                            "chain intercept {\ntype nat hook prerouting priority dstnat; policy accept;\n"
+                            f"tcp dport 9 redirect to :{BypassNet.GUARD_PORT}\n}}\n}}\n")
                 elif path != "direct":
                     settings = guard_bypass_settings(run.workdir, bypass=path == "mxguard-bypass")
                     config = run.workdir / "guard-bypass.toml"
@@ -599,8 +603,10 @@ def section_bypass(run: Run) -> None:
     out = [*heading,
            f"`smtp-source -s {sessions} -m {messages:,} -l 1000` in a client network namespace, over a "
            "veth pair, to port 25 of a gateway namespace where `smtp-sink` listens: directly (no "
-           "nftables rule at all); directly with connection tracking on (an empty nat chain in the "
-           "gateway namespace: what any path through the guard's table pays in the kernel); through the guard, which owns the REDIRECT (`nftables.redirect`, "
+           "nftables rule at all); directly with connection tracking on (a nat chain in the gateway "
+           "namespace whose one rule, a redirect of port 9, never matches: a rule with a nat or ct "
+           "expression turns tracking on in the namespace, an empty nat chain does not; what any path "
+           "through the guard's table pays in the kernel); through the guard, which owns the REDIRECT (`nftables.redirect`, "
            "port 25 on the veth → its port; greet delay 0, no challenge); and with "
            "`nftables.bypass_passed`, after one session from the client's address has passed, so its "
            "address is in `passed4` and the kernel sends its connections straight to `smtp-sink`. "
