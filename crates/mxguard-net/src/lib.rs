@@ -33,6 +33,10 @@
 //! pub trait RelayObserver: Sync { fn relayed(&self, mode: RelayMode, dir: Direction, n: u64); }
 //! pub enum RelayError { Client{..}, Upstream{..}, Idle{..}, Local{..} }  // who caused it
 //!
+//! // steering without NAT: a BPF sk_lookup program hands new connections for
+//! // the guarded ports to the guard's listeners (passed sources left to the MTA)
+//! pub struct Steer; fn attach(&SteerConfig, v4, v6), fn pass(ip, ttl), fn unpass(ip)
+//!
 //! // the holding pen's epoll set, woken through tokio
 //! pub fn watched_poll() -> io::Result<AsyncFd<mio::Poll>>
 //! // nanosecond waits where tokio's 1 ms wheel is too coarse (timerfd)
@@ -59,6 +63,7 @@ pub mod fine_timer;
 pub mod orig_dst;
 pub mod relay;
 pub mod sockets;
+pub mod steer;
 pub mod tcp_info;
 
 pub use alloc::Allocator;
@@ -69,4 +74,5 @@ pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelaySta
 pub use sockets::{
     bind_listener, bind_listeners, connect_upstream, read_turn, with_turn_buffer, TURN_BUFFER,
 };
+pub use steer::{Steer, SteerConfig};
 pub use tcp_info::tcp_rtt;
