@@ -179,6 +179,11 @@ impl Steer {
     }
 }
 
+/// The index of the interface `name`.
+pub fn ifindex(name: &str) -> io::Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(io::Error::from)
+}
+
 /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
 fn monotonic_ns() -> io::Result<u64> {
     let now =

@@ -782,6 +782,7 @@ pub struct AdmissionMetrics {
     pub cluster_received: IntCounterVec,
     pub nft: IntCounterVec,
     pub nft_passed: IntCounterVec,
+    pub sk_lookup_passed: IntCounterVec,
 }
 
 impl AdmissionMetrics {
@@ -845,6 +846,11 @@ impl AdmissionMetrics {
         let nft_passed = cv(
             "mxguard_nftables_passed_total",
             "Addresses added to or removed from the nftables passed sets (nftables.bypass_passed), by op (add, remove) and result (ok, error).",
+            &["op", "result"],
+        )?;
+        let sk_lookup_passed = cv(
+            "mxguard_sk_lookup_passed_total",
+            "Addresses added to or removed from the sk_lookup program's passed map (sk_lookup.bypass_passed), by op (add, remove) and result (ok, error).",
             &["op", "result"],
         )?;
         let tracked = IntGaugeVec::new(
@@ -917,6 +923,7 @@ impl AdmissionMetrics {
             cluster_received,
             nft,
             nft_passed,
+            sk_lookup_passed,
         })
     }
 }

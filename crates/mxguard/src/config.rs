@@ -66,6 +66,11 @@ pub enum Mode {
     Redirect,
     /// Behind iptables TPROXY: the accepted socket's local address.
     Tproxy,
+    /// Steered by the guard's own BPF `sk_lookup` program (`[sk_lookup]`):
+    /// the accepted socket's local address, no NAT.
+    #[serde(rename = "sk_lookup")]
+    #[value(name = "sk_lookup")]
+    SkLookup,
 }
 
 impl Mode {
@@ -74,6 +79,7 @@ impl Mode {
             Self::Fixed => "fixed",
             Self::Redirect => "redirect",
             Self::Tproxy => "tproxy",
+            Self::SkLookup => "sk_lookup",
         }
     }
 }
@@ -128,6 +134,37 @@ pub struct Config {
     pub state: crate::admission_config::State,
     pub cluster: crate::admission_config::Cluster,
     pub nftables: crate::admission_config::Nftables,
+    pub sk_lookup: SkLookup,
+}
+
+/// What the guard's `sk_lookup` program steers (`intercept.mode =
+/// "sk_lookup"`, the guard on the MTA's host).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SkLookup {
+    /// Destination ports whose new connections go to the guard.
+    pub ports: Vec<u16>,
+    /// Interfaces whose connections are steered; empty: every interface.
+    pub interfaces: Vec<String>,
+    /// A client that passed makes its next connections to the MTA itself,
+    /// without the guard, for the pass's TTL.
+    pub bypass_passed: bool,
+    /// The kernel's copy of the pass cache holds this many addresses per
+    /// family, the most recently used (the kernel allocates it whole at
+    /// start, ~80 bytes an entry); a pass it dropped is still in the
+    /// guard's cache, so that client's next session is not delayed.
+    pub bypass_entries: u32,
+}
+
+impl Default for SkLookup {
+    fn default() -> Self {
+        Self {
+            ports: vec![25],
+            interfaces: Vec::new(),
+            bypass_passed: false,
+            bypass_entries: 65_536,
+        }
+    }
 }
 
 /// How long the guard watches a session after its greeting.
@@ -372,6 +409,7 @@ impl Default for Config {
             state: Default::default(),
             cluster: Default::default(),
             nftables: Default::default(),
+            sk_lookup: SkLookup::default(),
         }
     }
 }
@@ -748,6 +786,28 @@ impl Config {
                 "only possible with mode = \"tproxy\"".into(),
             );
         }
+        if self.intercept.mode == Mode::SkLookup {
+            if self.sk_lookup.ports.is_empty() {
+                return bad("sk_lookup.ports", "at least one port is needed".into());
+            }
+            if self.sk_lookup.ports.contains(&0) {
+                return bad("sk_lookup.ports", "0 is not a port".into());
+            }
+            if self.sk_lookup.bypass_entries == 0 || self.sk_lookup.bypass_entries > 16 << 20 {
+                return bad("sk_lookup.bypass_entries", "between 1 and 16777216".into());
+            }
+            if self.sk_lookup.interfaces.iter().any(String::is_empty) {
+                return bad("sk_lookup.interfaces", "an empty interface name".into());
+            }
+        } else if self.sk_lookup != SkLookup::default() {
+            return bad(
+                "sk_lookup",
+                format!(
+                    "only used with intercept.mode = \"sk_lookup\" (it is \"{}\")",
+                    self.intercept.mode.as_str()
+                ),
+            );
+        }
         if self.intercept.upstream_connect_timeout.0.is_zero() {
             return bad(
                 "intercept.upstream_connect_timeout",
@@ -1078,6 +1138,45 @@ mod tests {
             "{text}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sk_lookup_settings_need_their_mode_and_sane_values() {
+        let mode = "[intercept]\nmode = \"sk_lookup\"\nlisten = [\"127.0.0.1:10025\"]\n";
+        let c = Config::parse(&format!(
+            "{mode}[sk_lookup]\nports = [25, 587]\ninterfaces = [\"eth0\"]\nbypass_passed = true\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.intercept.mode, Mode::SkLookup);
+        assert_eq!(c.intercept.mode.as_str(), "sk_lookup");
+        assert_eq!(c.sk_lookup.ports, [25, 587]);
+        assert!(c.sk_lookup.bypass_passed);
+        assert_eq!(c.sk_lookup.bypass_entries, 65_536);
+        // The defaults alone: port 25 from every interface, no bypass.
+        let c = Config::parse(mode).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.sk_lookup, SkLookup::default());
+        for (bad, key) in [
+            ("ports = []\n", "sk_lookup.ports"),
+            ("ports = [0]\n", "sk_lookup.ports"),
+            ("interfaces = [\"\"]\n", "sk_lookup.interfaces"),
+            ("bypass_entries = 0\n", "sk_lookup.bypass_entries"),
+        ] {
+            let c = Config::parse(&format!("{mode}[sk_lookup]\n{bad}")).unwrap();
+            assert_eq!(c.validate().unwrap_err().key, key, "{bad}");
+        }
+        // Settings for another mode's guard are a mistake, not a no-op.
+        let c = Config::parse("[sk_lookup]\nbypass_passed = true\n").unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "sk_lookup");
+        assert!(e.message.contains("\"fixed\""), "{}", e.message);
+        // The nftables redirect is the other mode's.
+        let c = Config::parse(&format!(
+            "{mode}[nftables]\nenabled = true\nredirect = true\nredirect_interfaces = [\"eth0\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "nftables.redirect");
     }
 
     #[test]

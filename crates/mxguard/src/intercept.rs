@@ -2,8 +2,8 @@
 //!
 //! `fixed` forwards to the configured MTA; `redirect` asks the kernel for
 //! the destination iptables REDIRECT rewrote (`SO_ORIGINAL_DST`); `tproxy`
-//! reads it off the accepted socket, whose local address *is* the original
-//! destination. Tests on loopback use `fixed` and need no root; the real
+//! and `sk_lookup` read it off the accepted socket, whose local address
+//! *is* the original destination. Tests on loopback use `fixed` and need no root; the real
 //! modes are tested in network namespaces.
 
 use std::io;
@@ -100,6 +100,11 @@ pub fn from_config(config: &Config) -> Box<dyn OriginalDestination> {
         Mode::Redirect => Box::new(Redirect),
         Mode::Tproxy => Box::new(Tproxy {
             transparent_upstream: config.intercept.transparent_upstream,
+        }),
+        // Steered to our socket as TPROXY does, by the guard's own program:
+        // the local address is the destination.
+        Mode::SkLookup => Box::new(Tproxy {
+            transparent_upstream: false,
         }),
     }
 }

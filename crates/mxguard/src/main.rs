@@ -28,6 +28,7 @@ mod reload;
 mod server;
 mod session;
 mod sessions;
+mod sk_lookup;
 mod state;
 mod watch;
 

@@ -53,7 +53,7 @@ use parking_lot::Mutex;
 use crate::admission::AdmissionMetrics;
 use crate::admission_config::Nftables;
 use crate::lists::{DynamicRecord, ListKind, ListSink};
-use crate::server::Shared;
+use crate::server::{KernelPasses, Shared};
 
 /// An address to add, with its timeout (None: no expiry).
 type Element = (IpAddr, Option<u64>);
@@ -380,6 +380,12 @@ fn host(net: IpNet) -> Option<IpAddr> {
     (net.prefix_len() == net.max_prefix_len()).then(|| net.addr())
 }
 
+impl KernelPasses for Nft {
+    fn passed(&self, ip: IpAddr, ttl: Duration) {
+        Nft::passed(self, ip, ttl);
+    }
+}
+
 impl ListSink for Nft {
     fn added(&self, record: &DynamicRecord, _sync: bool) -> Result<(), String> {
         if record.kind == ListKind::Block {
@@ -459,7 +465,9 @@ pub async fn start(shared: &Arc<Shared>, config: &Nftables) -> anyhow::Result<()
         }
     }
     if config.bypass_passed {
-        let _ = shared.kernel_bypass.set(nft.clone());
+        let _ = shared
+            .kernel_bypass
+            .set(nft.clone() as Arc<dyn KernelPasses>);
         let n = carried.len();
         for (ip, left) in carried {
             // Into the pass cache, and back into the new sets (unless

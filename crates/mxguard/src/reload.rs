@@ -120,6 +120,7 @@ impl Shared {
                 old.intercept.listen != new.intercept.listen,
             ),
             ("intercept.mode", old.intercept.mode != new.intercept.mode),
+            ("sk_lookup", old.sk_lookup != new.sk_lookup),
             (
                 "intercept.workers",
                 old.intercept.workers != new.intercept.workers,

@@ -62,8 +62,12 @@ pub struct Shared {
     pub admission: AdmissionControl,
     /// Addresses that passed every test lately.
     passed: Mutex<Blocklist>,
-    /// The kernel's copy of the pass cache (`nftables.bypass_passed`).
-    pub kernel_bypass: std::sync::OnceLock<Arc<crate::nft::Nft>>,
+    /// The kernel's copy of the pass cache (`nftables.bypass_passed` or
+    /// `sk_lookup.bypass_passed`).
+    pub kernel_bypass: std::sync::OnceLock<Arc<dyn KernelPasses>>,
+    /// The steering program (`intercept.mode = "sk_lookup"`), held while
+    /// the daemon runs.
+    pub sk_lookup: std::sync::OnceLock<Arc<crate::sk_lookup::SkLookup>>,
     live: AtomicUsize,
     idle: Notify,
     /// The JSON-lines event log (`[log] events`).
@@ -74,6 +78,13 @@ pub struct Shared {
     pub(crate) config_source: std::sync::OnceLock<crate::reload::ConfigSource>,
     /// The session threads' heartbeats (set when they start).
     pub session_threads: std::sync::OnceLock<Arc<crate::notify::Heartbeats>>,
+}
+
+/// The kernel's copy of the pass cache: whose new connections skip the
+/// guard.
+pub trait KernelPasses: Send + Sync {
+    /// `ip` passed; its pass lasts `ttl`.
+    fn passed(&self, ip: IpAddr, ttl: Duration);
 }
 
 impl Shared {
@@ -111,6 +122,7 @@ impl Shared {
             admission,
             passed: Mutex::new(passed),
             kernel_bypass: std::sync::OnceLock::new(),
+            sk_lookup: std::sync::OnceLock::new(),
             live: AtomicUsize::new(0),
             idle: Notify::new(),
             events,
@@ -320,6 +332,15 @@ pub async fn run(
             listeners[w].push(listener);
         }
     }
+    // Steering starts once the sockets are there to take the connections
+    // (they wait in the backlogs until the session threads accept).
+    let steer = if config.intercept.mode == Mode::SkLookup {
+        let first: Vec<std::net::TcpListener> = Vec::new();
+        let group = listeners.first().unwrap_or(&first);
+        Some(crate::sk_lookup::attach(&config, group)?)
+    } else {
+        None
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let admin_addr = match config.admin.listen {
@@ -362,6 +383,9 @@ pub async fn run(
         .context("log.events")?;
     shared.set_config_source(config_path, overrides);
     crate::admission::start(&shared, &config).await?;
+    if let Some(steer) = steer {
+        crate::sk_lookup::start(&shared, steer);
+    }
     let admin_bound = admin_addr.as_ref().map(|(a, _)| *a);
     if let Some((_, listener)) = admin_addr {
         tokio::spawn(crate::admin::serve(

@@ -1,0 +1,203 @@
+"""Steering without NAT: `intercept.mode = "sk_lookup"`.
+
+The guard runs on the MTA's host (here the gateway namespace of netns.py,
+where `smtp-sink` listens on port 25 of every address). Its BPF program
+hands new connections to port 25 that come in on `g0` to the guard's own
+sockets (on loopback, another port): the accepted socket's local address is
+where the client was going, and the guard's own connection to it (from the
+host to itself) is not steered, so it reaches the MTA. No nftables rule, no
+connection tracking. With `sk_lookup.bypass_passed` a client that passed is
+put into the program's map with the pass TTL, and its next connections go
+to the MTA's socket without the guard; a block takes it out again. When
+the guard stops, the program goes with it and port 25 is the MTA's own."""
+
+import json
+import socket
+import subprocess
+
+import pytest
+
+import guard as guard_mod
+import netns
+from admin_api import TOKEN, write_tokens
+from peers import RawClient, SmtpSink, free_port
+
+pytestmark = [pytest.mark.time_limit(90)]
+
+FAMILIES = [4, 6]
+
+
+def api(guard, method: str, path: str, body=None) -> tuple[int, str]:
+    """An admin API call from inside the guard's namespace."""
+    host, _, port = guard.admin.rpartition(":")
+    data = json.dumps(body).encode() if body is not None else b""
+    with netns.entered(guard.ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(10)
+        s.connect((host, int(port)))
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: mxguard\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                  f"Connection: close\r\n\r\n".encode() + data)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload.decode("utf-8", "replace")
+
+
+def session(topo, to: str, source: str, n: int) -> list[bytes]:
+    """One clean session to port 25 of `to` from `source`, message `n`;
+    the greeting's lines."""
+    c = RawClient(to, 25, source=source, ns=topo.client)
+    greeting = c.read_reply(timeout=5)
+    assert greeting.code == 220, greeting.lines
+    assert c.command(b"EHLO client.example.test\r\n").code == 250
+    assert c.command(b"MAIL FROM:<alice@sender.example.test>\r\n").code == 250
+    assert c.command(b"RCPT TO:<bob@example.test>\r\n").code == 250
+    assert c.command(b"DATA\r\n").code == 354
+    assert c.command(f"Subject: steered {n}\r\n\r\nmessage {n}\r\n.\r\n".encode()).code == 250
+    assert c.command(b"QUIT\r\n").code == 221
+    c.close()
+    return greeting.lines
+
+
+def mta_host_guard(topo, make_guard, workdir, bypass: bool, name="guard", **overrides):
+    """The guard beside the MTA in the gateway namespace, listening on
+    loopback only, steering port 25 from g0."""
+    port = free_port()
+    config = {
+        "intercept.mode": "sk_lookup",
+        "greet.delay": "500ms",
+        "greet.connect_lead": "200ms",
+        "pass_cache.ttl": "1h",
+        "admin.token_file": str(write_tokens(workdir)),
+        "sk_lookup.ports": [25],
+        "sk_lookup.interfaces": ["g0"],
+        "sk_lookup.bypass_passed": bypass,
+    }
+    config.update(overrides)
+    guard = make_guard(listen=[f"127.0.0.1:{port}", f"[::1]:{port}"], ns=topo.gw, name=name, **config)
+    guard.wait_log(r"sk_lookup: new connections to ports \[25\] on g0 steered to "
+                   rf"127\.0\.0\.1:{port}, \[::1\]:{port}")
+    return guard
+
+
+def accepted(guard) -> float:
+    return guard.metric("mxguard_connections_accepted_total")
+
+
+def from_guard(greeting: list[bytes]) -> bool:
+    return greeting[0].startswith(b"220-guard.example.test")
+
+
+def from_mta(greeting: list[bytes]) -> bool:
+    return greeting == [b"220 sink.example.test ESMTP\r\n"]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
+def test_connections_are_steered_to_the_guard_and_passed_clients_go_to_the_mta(
+        family, topo, make_guard, workdir):
+    client, gw, _, _ = topo.addrs(family)
+    sink = SmtpSink(workdir, host="0.0.0.0" if family == 4 else "::", port=25, ns=topo.gw)
+    guard = mta_host_guard(topo, make_guard, workdir, bypass=True)
+
+    # First session: through the guard (challenge line, greet pause), which
+    # relays it to where it was going, port 25 of the gateway's address;
+    # the MTA sees the host itself.
+    greeting = session(topo, gw, client, 1)
+    assert from_guard(greeting), greeting
+    assert guard.wait_verdict(client)["verdict"] == "pass"
+    sink.wait_messages(1)
+    assert sink.connections() == [gw]
+    assert accepted(guard) == 1
+    assert guard.metric("mxguard_sk_lookup_passed_total", op="add", result="ok") == 1
+
+    # Next sessions: the kernel leaves them to the MTA's socket. The guard
+    # does not see them; the MTA sees the client's own address.
+    for n in (2, 3):
+        assert from_mta(session(topo, gw, client, n))
+    sink.wait_messages(3)
+    assert sink.connections() == [gw, client, client]
+    assert accepted(guard) == 1
+
+    # An operator blocks it: out of the map at once; its next connection
+    # meets the guard, which refuses it.
+    status, body = api(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
+    assert status in (200, 201), body
+    assert guard.metric("mxguard_sk_lookup_passed_total", op="remove", result="ok") == 1
+    c = RawClient(gw, 25, source=client, ns=topo.client)
+    assert c.read_reply(timeout=5).code == 554
+    c.close()
+    assert accepted(guard) == 2
+
+    # Unblocked, it is a stranger again (the block took its pass too).
+    status, body = api(guard, "DELETE", f"/api/v1/blocklist?net={client}")
+    assert status == 200, body
+    assert from_guard(session(topo, gw, client, 4))
+    assert accepted(guard) == 3
+    sink.wait_messages(4)
+    assert sink.connections()[-1] == gw
+
+    # The program goes with the guard: port 25 is the MTA's own again.
+    guard.stop()
+    assert from_mta(session(topo, gw, client, 5))
+    sink.wait_messages(5)
+    assert sink.connections()[-1] == client
+
+
+def test_without_the_bypass_every_session_is_the_guards(topo, make_guard, workdir):
+    client, gw, _, _ = topo.addrs(4)
+    sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
+    guard = mta_host_guard(topo, make_guard, workdir, bypass=False)
+    assert from_guard(session(topo, gw, client, 1))
+    assert guard.wait_verdict(client)["verdict"] == "pass"
+    # The guard's own pass cache: no pause the second time, but its session.
+    assert from_mta(session(topo, gw, client, 2))
+    sink.wait_messages(2)
+    assert sink.connections() == [gw, gw]
+    assert accepted(guard) == 2
+    assert guard.metric("mxguard_sk_lookup_passed_total", op="add", result="ok") == 0
+    # Another port of the host is not steered.
+    sink26 = SmtpSink(workdir, host="0.0.0.0", port=26, ns=topo.gw, name="sink26")
+    c = RawClient(gw, 26, source=client, ns=topo.client)
+    assert c.read_reply(timeout=5).lines == [b"220 sink.example.test ESMTP\r\n"]
+    c.close()
+    assert accepted(guard) == 2
+    assert sink26.connections() == [client]
+    guard.stop()
+
+
+def test_a_detection_takes_a_passed_client_out_of_the_map(topo, make_guard, workdir):
+    """A session opened before the client passed is the guard's to the end;
+    a protocol violation on it blocks the address and takes its pass out of
+    the program's map."""
+    client, gw, _, _ = topo.addrs(4)
+    sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
+    guard = mta_host_guard(topo, make_guard, workdir, bypass=True)
+
+    early = RawClient(gw, 25, source=client, ns=topo.client)
+    assert early.read_reply(timeout=5).code == 220
+    session(topo, gw, client, 1)
+    assert from_mta(session(topo, gw, client, 2))
+
+    # EHLO must end a pipeline group: a bot's burst on the old session.
+    early.send(b"EHLO hasty.example.test\r\nMAIL FROM:<a@b.example>\r\n")
+    assert early.read_reply(timeout=5).code == 554
+    early.close()
+    assert guard.metric("mxguard_sk_lookup_passed_total", op="remove", result="ok") == 1
+    c = RawClient(gw, 25, source=client, ns=topo.client)
+    assert c.read_reply(timeout=5).code == 554
+    c.close()
+    assert len(sink.messages()) == 2
+    guard.stop()
+
+
+def test_an_unknown_interface_is_a_clear_start_error(topo, workdir):
+    g = guard_mod.Guard(workdir, listen=[f"127.0.0.1:{free_port()}"], ns=topo.gw, name="bad", start=False,
+                        **{"intercept.mode": "sk_lookup", "sk_lookup.interfaces": ["nosuch0"]})
+    out = subprocess.run(["ip", "netns", "exec", topo.gw, guard_mod.binary(), "run", "--config",
+                          str(g.config_path)], capture_output=True, text=True, timeout=20,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    assert 'sk_lookup.interfaces: no interface "nosuch0"' in out.stderr, out.stderr
