@@ -316,6 +316,8 @@ def label(path: str) -> str:
         "direct-conntrack": "direct, connection tracking on",
         "mxguard-redirect": "mxguard relaying (`nftables.redirect`, no bypass)",
         "mxguard-bypass": "mxguard, `nftables.bypass_passed`, client passed",
+        "mxguard-sklookup": "mxguard relaying (`intercept.mode = \"sk_lookup\"`, no bypass)",
+        "mxguard-sklookup-bypass": "mxguard, `sk_lookup.bypass_passed`, client passed",
     }.get(path, path)
 
 
@@ -482,7 +484,24 @@ class BypassNet:
         self.made = []
 
 
-def guard_bypass_settings(workdir: Path, bypass: bool) -> dict:
+def guard_bypass_settings(workdir: Path, bypass: bool, steer: bool) -> dict:
+    """The guard of the gateway namespace: owning the nftables REDIRECT,
+    or (`steer`) steering with its sk_lookup program from loopback."""
+    if steer:
+        return {
+            **GUARD_FAST,
+            "hostname": "guard.bench.example",
+            "intercept.mode": "sk_lookup",
+            "intercept.listen": [f"127.0.0.1:{BypassNet.GUARD_PORT}"],
+            "admin.listen": BypassNet.ADMIN,
+            "log.level": "warn",
+            "admission.enabled": False,
+            "senders.enabled": False,
+            "state.dir": str(workdir / "state-bypass"),
+            "sk_lookup.ports": [25],
+            "sk_lookup.interfaces": ["mxbg0"],
+            "sk_lookup.bypass_passed": bypass,
+        }
     return {
         **GUARD_FAST,
         "hostname": "guard.bench.example",
@@ -514,7 +533,8 @@ def section_bypass(run: Run) -> None:
     sessions = 20
     # The bypass right after direct: the pair this section is for, measured
     # as close together as the other load on the machine allows.
-    paths = ["direct", "mxguard-bypass", "direct-conntrack", "mxguard-redirect"]
+    paths = ["direct", "mxguard-sklookup-bypass", "mxguard-bypass", "direct-conntrack", "mxguard-sklookup",
+             "mxguard-redirect"]
     heading = ["## Kernel bypass for passed clients", ""]
     why = BypassNet.unavailable()
     if why:
@@ -545,19 +565,31 @@ def section_bypass(run: Run) -> None:
                             "chain intercept {\ntype nat hook prerouting priority dstnat; policy accept;\n"
                             f"tcp dport 9 redirect to :{BypassNet.GUARD_PORT}\n}}\n}}\n")
                 elif path != "direct":
-                    settings = guard_bypass_settings(run.workdir, bypass=path == "mxguard-bypass")
+                    steer = path.startswith("mxguard-sklookup")
+                    settings = guard_bypass_settings(run.workdir, bypass=path.endswith("-bypass"), steer=steer)
                     config = run.workdir / "guard-bypass.toml"
                     config.write_text(peers.to_toml(settings))
                     guard = Proc("guard-bypass", [*net.exec(net.gw), run.guard_bin, "run", "--config", config],
                                  run.workdir)
-                    wait_until(lambda: net.nft("list", "chain", "inet", BypassNet.TABLE, "intercept")
-                               .returncode == 0 or not guard.alive(), 10, "the guard's nat chain")
+                    if not steer:
+                        wait_until(lambda: net.nft("list", "chain", "inet", BypassNet.TABLE, "intercept")
+                                   .returncode == 0 or not guard.alive(), 10, "the guard's nat chain")
                     if not guard.alive():
                         raise RuntimeError(f"the guard did not start: {guard.stderr()}")
                     wait_until(lambda: net.listening(BypassNet.GUARD_PORT), 10, "the guard listening")
-                    run.bypass_config = peers.to_toml({k: v for k, v in settings.items()
-                                                       if k.startswith("nftables.")})
+                    if steer:
+                        run.sklookup_config = peers.to_toml({k: v for k, v in settings.items()
+                                                             if k.startswith(("sk_lookup.", "intercept."))})
+                    else:
+                        run.bypass_config = peers.to_toml({k: v for k, v in settings.items()
+                                                           if k.startswith("nftables.")})
                 try:
+                    if path == "mxguard-sklookup-bypass":
+                        # One session through the guard passes; the
+                        # address goes into the program's map.
+                        BypassNet.sh(*source[:5], "-s", 1, "-m", 1, *source[9:])
+                        wait_until(lambda: net.guard_metric('mxguard_sk_lookup_passed_total{op="add",result="ok"}')
+                                   >= 1, 10, "the client in the passed map")
                     if path == "mxguard-bypass":
                         # One session through the guard passes; the
                         # address goes into passed4.
@@ -610,6 +642,10 @@ def section_bypass(run: Run) -> None:
            "port 25 on the veth → its port; greet delay 0, no challenge); and with "
            "`nftables.bypass_passed`, after one session from the client's address has passed, so its "
            "address is in `passed4` and the kernel sends its connections straight to `smtp-sink`. "
+           "The same two with the guard steering by its own BPF program (`intercept.mode = \"sk_lookup\"`, "
+           "listening on loopback; no nftables rule, no connection tracking): relaying, and with "
+           "`sk_lookup.bypass_passed`, the client's address in the program's map after one session, "
+           "so the kernel hands its connections to `smtp-sink`'s socket. "
            "Vs direct: the median of each round's ratio to that round's direct run. "
            "Sessions through the guard: connections the guard accepted during the measured run. "
            "Guard CPU per message: CPU of the guard process / messages; machine CPU per message: "
@@ -814,6 +850,9 @@ def write_report(run: Run, out: Path, started: str, load_before: str) -> None:
     if getattr(run, "bypass_config", None):
         parts += ["", "mxguard, kernel bypass (with the rate settings below, `intercept.mode = \"redirect\"`):",
                   "", "```toml", run.bypass_config.strip(), "```"]
+    if getattr(run, "sklookup_config", None):
+        parts += ["", "mxguard, steering with sk_lookup (with the rate settings below):",
+                  "", "```toml", run.sklookup_config.strip(), "```"]
     parts += ["", "The other runs: the MTA stand-ins are `smtp-sink -u postfix ADDR 4096` (rate, latency) "
               "and `mxbench sink --listen ADDR` (bulk); HAProxy is `haproxy -db -f CFG` with the held "
               "config less the inspect delay (`maxconn 4000`), plus `option splice-auto` in the frontend "
@@ -881,11 +920,13 @@ def section_targets(run: Run) -> None:
     if bypass:
         def paired(path):
             return median([x["rate"] / d["rate"] for x, d in zip(bypass[path], bypass["direct"])])
-        through, tracked = paired("mxguard-bypass"), paired("direct-conntrack")
-        row("… for passed clients, with `nftables.bypass_passed` (namespaces, no greet delay)",
-            f"{fmt(through, 2)} of direct ({fmt(median([x['rate'] for x in bypass['mxguard-bypass']]))} vs "
-            f"{fmt(median([x['rate'] for x in bypass['direct']]))}/s); direct with conntrack on: "
-            f"{fmt(tracked, 2)}", through >= 0.9)
+        steered, through, tracked = (paired("mxguard-sklookup-bypass"), paired("mxguard-bypass"),
+                                     paired("direct-conntrack"))
+        row("… for passed clients, with `sk_lookup.bypass_passed` (namespaces, no greet delay)",
+            f"{fmt(steered, 2)} of direct ({fmt(median([x['rate'] for x in bypass['mxguard-sklookup-bypass']]))} "
+            f"vs {fmt(median([x['rate'] for x in bypass['direct']]))}/s)", steered >= 0.9)
+        row("… for passed clients, with `nftables.bypass_passed`",
+            f"{fmt(through, 2)} of direct; direct with conntrack on: {fmt(tracked, 2)}", through >= 0.9)
     lat = getattr(run, "latency", None)
     if lat:
         added = median([x["session_ms"]["p99"] - d["session_ms"]["p99"]
