@@ -12,6 +12,8 @@ to the MTA's socket without the guard; a block takes it out again. When
 the guard stops, the program goes with it and port 25 is the MTA's own."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 
@@ -20,7 +22,7 @@ import pytest
 import guard as guard_mod
 import netns
 from admin_api import TOKEN, write_tokens
-from peers import RawClient, SmtpSink, free_port
+from peers import RawClient, SmtpSink, free_port, wait_until
 
 pytestmark = [pytest.mark.time_limit(90)]
 
@@ -201,3 +203,46 @@ def test_an_unknown_interface_is_a_clear_start_error(topo, workdir):
                          stdin=subprocess.DEVNULL)
     assert out.returncode != 0
     assert 'sk_lookup.interfaces: no interface "nosuch0"' in out.stderr, out.stderr
+
+
+def test_runs_as_nobody_with_the_drop_ins_capabilities(topo, workdir):
+    """What systemd/sk-lookup.conf grants (CAP_BPF and CAP_NET_ADMIN
+    ambient, no new privileges) is enough to load and attach the program;
+    without CAP_BPF the start stops with a clear error."""
+    client, gw, _, _ = topo.addrs(4)
+    SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
+    state = workdir / "nobody-state"
+    state.mkdir()
+    os.chmod(state, 0o777)
+    port = free_port()
+    g = guard_mod.Guard(workdir, listen=[f"127.0.0.1:{port}"], ns=topo.gw, name="nobody", start=False,
+                        **{"intercept.mode": "sk_lookup", "state.dir": str(state), "greet.delay": "300ms"})
+    os.chmod(g.workdir, 0o755)
+    os.chmod(g.config_path, 0o644)
+
+    def as_nobody(caps: str) -> list[str]:
+        return ["ip", "netns", "exec", topo.gw, "setpriv", "--reuid=nobody", "--regid=nogroup",
+                "--clear-groups", "--no-new-privs", f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}",
+                f"--bounding-set=-all,{caps}", guard_mod.binary(), "run", "--config", str(g.config_path)]
+
+    out = subprocess.run(as_nobody("+net_admin"), capture_output=True, text=True, timeout=20,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    assert "needs CAP_BPF and CAP_NET_ADMIN" in out.stderr, out.stderr
+
+    proc = subprocess.Popen(as_nobody("+net_admin,+bpf"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port in netns_listening(topo.gw) or proc.poll() is not None, 10, "listening")
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        c = RawClient(gw, 25, source=client, ns=topo.client)
+        assert c.read_reply(timeout=5).lines[0].startswith(b"220-guard.example.test")
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+def netns_listening(ns: str) -> set[int]:
+    out = netns.in_ns(ns, "ss", "-Htln").stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}

@@ -28,7 +28,14 @@ def test_units_pass_systemd_analyze_verify(workdir):
     for unit in UNITS:
         text = (REPO / "systemd" / unit).read_text().replace("/usr/bin/mxguard", guard_mod.binary())
         (workdir / unit).write_text(text)
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *[str(workdir / u) for u in UNITS]],
+    # The sk_lookup drop-in, as systemd merges it: its lines after the unit's.
+    dropin = (REPO / "systemd" / "sk-lookup.conf").read_text()
+    assert "[Service]" in dropin
+    service_lines = dropin.split("[Service]", 1)[1]
+    (workdir / "mxguard-sk-lookup.service").write_text(
+        (workdir / "mxguard.service").read_text().replace("[Install]", service_lines + "\n[Install]"))
+    units = [*UNITS, "mxguard-sk-lookup.service"]
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *[str(workdir / u) for u in units]],
                          capture_output=True, text=True, timeout=60, cwd=workdir)
     assert out.returncode == 0 and not out.stderr.strip(), out.stdout + out.stderr
     out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=30",

@@ -649,7 +649,7 @@ pub struct Overrides {
     /// Address to listen on (repeatable); replaces `intercept.listen`.
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
-    /// fixed | redirect | tproxy
+    /// fixed | redirect | tproxy | sk_lookup
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// The MTA in fixed mode.
