@@ -484,14 +484,12 @@ fn map_create(
         max_entries,
         map_flags: 0,
     };
-    bpf(BPF_MAP_CREATE, &mut attr)
-        .and_then(owned)
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("sk_lookup: cannot create a BPF map (needs CAP_BPF and CAP_NET_ADMIN): {e}"),
-            )
-        })
+    bpf(BPF_MAP_CREATE, &mut attr).and_then(owned).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("sk_lookup: cannot create a BPF map (needs CAP_BPF and CAP_NET_ADMIN): {e}"),
+        )
+    })
 }
 
 fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
