@@ -246,3 +246,29 @@ def test_runs_as_nobody_with_the_drop_ins_capabilities(topo, workdir):
 def netns_listening(ns: str) -> set[int]:
     out = netns.in_ns(ns, "ss", "-Htln").stdout
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def test_a_steered_session_is_spliced_byte_for_byte(topo, make_guard, workdir):
+    """The accepted sockets of a steered listener relay like any other:
+    a 1 MB body after the greeting goes through the splice relay, whole."""
+    client, gw, _, _ = topo.addrs(4)
+    sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
+    guard = mta_host_guard(topo, make_guard, workdir, bypass=False,
+                           **{"turns.watch": "greeting", "relay.mode": "splice", "greet.delay": "0s"})
+    line = b"x" * 74 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (1_000_000 // len(line))
+    c = RawClient(gw, 25, source=client, ns=topo.client)
+    assert c.read_reply(timeout=5).code == 220
+    assert c.command(b"EHLO client.example.test\r\n").code == 250
+    assert c.command(b"MAIL FROM:<alice@sender.example.test>\r\n").code == 250
+    assert c.command(b"RCPT TO:<bob@example.test>\r\n").code == 250
+    assert c.command(b"DATA\r\n").code == 354
+    assert c.command(body + b".\r\n", timeout=30).code == 250
+    assert c.command(b"QUIT\r\n").code == 221
+    c.close()
+    (got,) = sink.wait_messages(1)
+    assert got.content.endswith(body.replace(b"\r\n", b"\n")[-100_000:])
+    assert body.replace(b"\r\n", b"\n") in got.content
+    spliced = guard.metric("mxguard_relayed_bytes_total", direction="upstream", mode="splice")
+    assert spliced > len(body) / 2, spliced
+    guard.stop()
