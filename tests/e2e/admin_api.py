@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import guard as guard_mod
+import netns
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 OTHER_TOKEN = "fedcba9876543210fedcba9876543210"
@@ -38,9 +39,16 @@ def admin_addr(guard) -> tuple[str, int]:
 
 def call(guard, method: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None,
          headers: dict | None = None, timeout: float = 30.0):
-    """One request; returns (status, parsed JSON or text, headers)."""
+    """One request; returns (status, parsed JSON or text, headers). From
+    inside the guard's network namespace when it runs in one."""
     host, port = admin_addr(guard)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    if getattr(guard, "ns", None):
+        with netns.entered(guard.ns):
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        conn.sock = sock
     h = dict(headers or {})
     if token is not None:
         h["Authorization"] = f"Bearer {token}"

@@ -1097,3 +1097,20 @@ class ScriptedUpstream:
 
 def which_all(*tools) -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
+
+
+def clean_session(host: str, port: int, source: str, ns: str | None, n: int) -> list[bytes]:
+    """One clean session (EHLO, MAIL, RCPT, DATA, QUIT) from `source`, in
+    network namespace `ns`, with message number `n` in its subject;
+    returns the greeting's lines."""
+    c = RawClient(host, port, source=source, ns=ns)
+    greeting = c.read_reply(timeout=5)
+    assert greeting.code == 220, greeting.lines
+    assert c.command(b"EHLO client.example.test\r\n").code == 250
+    assert c.command(b"MAIL FROM:<alice@sender.example.test>\r\n").code == 250
+    assert c.command(b"RCPT TO:<bob@example.test>\r\n").code == 250
+    assert c.command(b"DATA\r\n").code == 354
+    assert c.command(f"Subject: session {n}\r\n\r\nmessage {n}\r\n.\r\n".encode()).code == 250
+    assert c.command(b"QUIT\r\n").code == 221
+    c.close()
+    return greeting.lines

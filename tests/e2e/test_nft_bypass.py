@@ -11,17 +11,15 @@ client's own address. A block of the address takes it out of the set and
 out of the pass cache, so after the block its next connection meets the
 guard again, greet pause and all."""
 
-import json
 import re
 import shutil
-import socket
 import subprocess
 
 import pytest
 
 import netns
-from admin_api import TOKEN, write_tokens
-from peers import RawClient, SmtpSink, free_port, wait_until
+from admin_api import call, write_tokens
+from peers import RawClient, SmtpSink, clean_session, free_port, wait_until
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("nft") is None, reason="nft missing (tests/install-deps.sh)"),
@@ -40,41 +38,6 @@ def nft_set(ns: str, name: str) -> str:
 def in_set(ns: str, name: str, ip: str) -> bool:
     return re.search(rf"[{{ ,]{re.escape(ip)}[ ,}}]", nft_set(ns, name).replace("\n", " ")) is not None
 
-
-def api(guard, method: str, path: str, body=None) -> tuple[int, dict | str]:
-    """An admin API call from inside the guard's namespace."""
-    host, _, port = guard.admin.rpartition(":")
-    data = json.dumps(body).encode() if body is not None else b""
-    with netns.entered(guard.ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with s:
-        s.settimeout(10)
-        s.connect((host, int(port)))
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: mxguard\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                  f"Connection: close\r\n\r\n".encode() + data)
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), payload.decode("utf-8", "replace")
-
-
-
-def deliver(topo, mta_ip: str, source: str, n: int) -> list[bytes]:
-    """One clean session to the MTA's address from `source` with message
-    number `n`; returns the greeting's lines."""
-    c = RawClient(mta_ip, 25, source=source, ns=topo.client)
-    greeting = c.read_reply(timeout=5)
-    assert greeting.code == 220, greeting.lines
-    assert c.command(b"EHLO client.example.test\r\n").code == 250
-    assert c.command(b"MAIL FROM:<alice@sender.example.test>\r\n").code == 250
-    assert c.command(b"RCPT TO:<bob@example.test>\r\n").code == 250
-    assert c.command(b"DATA\r\n").code == 354
-    assert c.command(f"Subject: bypass {n}\r\n\r\nmessage {n}\r\n.\r\n".encode()).code == 250
-    assert c.command(b"QUIT\r\n").code == 221
-    c.close()
-    return greeting.lines
 
 
 def gateway(topo, make_guard, workdir, bypass: bool, name="guard", **overrides):
@@ -120,7 +83,7 @@ def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_bloc
 
     # First session: through the guard (challenge line, greet pause); the
     # MTA sees the gateway.
-    greeting = deliver(topo, mta_ip, client, 1)
+    greeting = clean_session(mta_ip, 25, client, topo.client, 1)
     assert greeting[0].startswith(b"220-guard.example.test"), greeting
     assert guard.wait_verdict(client)["verdict"] == "pass"
     sink.wait_messages(1)
@@ -135,7 +98,7 @@ def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_bloc
     # Next sessions: straight to the MTA. The guard does not see them; the
     # MTA sees the client's own address and greets it itself.
     for n in (2, 3):
-        greeting = deliver(topo, mta_ip, client, n)
+        greeting = clean_session(mta_ip, 25, client, topo.client, n)
         assert greeting == [b"220 sink.example.test ESMTP\r\n"], greeting
     sink.wait_messages(3)
     assert sink.connections() == [gw_mta_side, client, client]
@@ -143,7 +106,7 @@ def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_bloc
 
     # An operator blocks it: out of the passed set, into the blocked one;
     # its SYNs are dropped before the redirect and before the bypass.
-    status, body = api(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
+    status, body, _ = call(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
     assert status in (200, 201), body
     wait_until(lambda: not in_set(topo.gw, passed, client), 5, "the client out of the passed set")
     wait_until(lambda: in_set(topo.gw, blocked, client), 5, "the client in the blocked set")
@@ -154,10 +117,10 @@ def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_bloc
 
     # Unblocked, it meets the guard again, as a stranger: the block also
     # took it out of the pass cache.
-    status, body = api(guard, "DELETE", f"/api/v1/blocklist?net={client}")
+    status, body, _ = call(guard, "DELETE", f"/api/v1/blocklist?net={client}")
     assert status == 200, body
     wait_until(lambda: not in_set(topo.gw, blocked, client), 5, "the client out of the blocked set")
-    greeting = deliver(topo, mta_ip, client, 4)
+    greeting = clean_session(mta_ip, 25, client, topo.client, 4)
     assert greeting[0].startswith(b"220-guard.example.test"), greeting
     assert accepted(guard) == 2
     sink.wait_messages(4)
@@ -175,7 +138,7 @@ def test_a_detection_takes_a_passed_client_out_of_the_kernel(topo, make_guard, w
 
     early = RawClient(mta_ip, 25, source=client, ns=topo.client)
     assert early.read_reply(timeout=5).code == 220
-    deliver(topo, mta_ip, client, 1)
+    clean_session(mta_ip, 25, client, topo.client, 1)
     wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the passed set")
 
     # EHLO must end a pipeline group: a bot's burst on the old session.
@@ -189,7 +152,7 @@ def test_a_detection_takes_a_passed_client_out_of_the_kernel(topo, make_guard, w
     other = "10.77.1.3"
     netns.ip("addr", "add", f"{other}/24", "dev", "c0", ns=topo.client)
     assert netns.syn_answered(topo.client, mta_ip, 25, other)
-    status, body = api(guard, "POST", "/api/v1/blocklist", {"address": other, "ttl_seconds": 600})
+    status, body, _ = call(guard, "POST", "/api/v1/blocklist", {"address": other, "ttl_seconds": 600})
     assert status in (200, 201), body
     wait_until(lambda: in_set(topo.gw, "blocked4", other), 5, "the other address in the blocked set")
     assert not netns.syn_answered(topo.client, mta_ip, 25, other)
@@ -202,7 +165,7 @@ def test_passes_in_the_kernel_outlive_a_restart(topo, make_guard, workdir, clean
     client, _, gw_mta_side, mta_ip = topo.addrs(4)
     sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.mta)
     guard = gateway(topo, make_guard, workdir, bypass=True)
-    deliver(topo, mta_ip, client, 1)
+    clean_session(mta_ip, 25, client, topo.client, 1)
     wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the passed set")
     guard.stop()
     # The table stays when the guard stops: the kernel keeps the passes.
@@ -211,7 +174,7 @@ def test_passes_in_the_kernel_outlive_a_restart(topo, make_guard, workdir, clean
     again = gateway(topo, make_guard, workdir, bypass=True, name="guard2")
     again.wait_log(r"nftables: 1 passed address\(es\) carried over from the old table")
     wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the new table's set")
-    deliver(topo, mta_ip, client, 2)
+    clean_session(mta_ip, 25, client, topo.client, 2)
     sink.wait_messages(2)
     assert sink.connections() == [gw_mta_side, client]
     assert accepted(again) == 0
@@ -226,11 +189,11 @@ def test_without_the_bypass_every_session_goes_through_the_guard(topo, make_guar
         ["ip", "netns", "exec", topo.gw, "nft", "list", "table", "inet", TABLE],
         capture_output=True, text=True, timeout=10).stdout
 
-    greeting = deliver(topo, mta_ip, client, 1)
+    greeting = clean_session(mta_ip, 25, client, topo.client, 1)
     assert greeting[0].startswith(b"220-guard.example.test"), greeting
     assert guard.wait_verdict(client)["verdict"] == "pass"
     # The pass cache still works inside the guard: no pause the second time.
-    greeting = deliver(topo, mta_ip, client, 2)
+    greeting = clean_session(mta_ip, 25, client, topo.client, 2)
     assert greeting == [b"220 sink.example.test ESMTP\r\n"], greeting
     sink.wait_messages(2)
     assert sink.connections() == [gw_mta_side, gw_mta_side]
@@ -246,7 +209,7 @@ def test_a_block_file_takes_a_passed_client_out_of_the_kernel(topo, make_guard, 
     block.write_text("# nobody yet\n")
     guard = gateway(topo, make_guard, workdir, bypass=True,
                     **{"lists.block_files": [str(block)], "lists.watch_interval": "200ms"})
-    deliver(topo, mta_ip, client, 1)
+    clean_session(mta_ip, 25, client, topo.client, 1)
     wait_until(lambda: in_set(topo.gw, "passed4", client), 5, "the client in the passed set")
 
     block.write_text(f"{client}/32\n")

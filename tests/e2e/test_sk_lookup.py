@@ -11,57 +11,20 @@ put into the program's map with the pass TTL, and its next connections go
 to the MTA's socket without the guard; a block takes it out again. When
 the guard stops, the program goes with it and port 25 is the MTA's own."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 
 import pytest
 
 import guard as guard_mod
 import netns
-from admin_api import TOKEN, write_tokens
-from peers import RawClient, SmtpSink, free_port, wait_until
+from admin_api import call, write_tokens
+from peers import RawClient, SmtpSink, clean_session, free_port, wait_until
 
 pytestmark = [pytest.mark.time_limit(90)]
 
 FAMILIES = [4, 6]
-
-
-def api(guard, method: str, path: str, body=None) -> tuple[int, str]:
-    """An admin API call from inside the guard's namespace."""
-    host, _, port = guard.admin.rpartition(":")
-    data = json.dumps(body).encode() if body is not None else b""
-    with netns.entered(guard.ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with s:
-        s.settimeout(10)
-        s.connect((host, int(port)))
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: mxguard\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                  f"Connection: close\r\n\r\n".encode() + data)
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), payload.decode("utf-8", "replace")
-
-
-def session(topo, to: str, source: str, n: int) -> list[bytes]:
-    """One clean session to port 25 of `to` from `source`, message `n`;
-    the greeting's lines."""
-    c = RawClient(to, 25, source=source, ns=topo.client)
-    greeting = c.read_reply(timeout=5)
-    assert greeting.code == 220, greeting.lines
-    assert c.command(b"EHLO client.example.test\r\n").code == 250
-    assert c.command(b"MAIL FROM:<alice@sender.example.test>\r\n").code == 250
-    assert c.command(b"RCPT TO:<bob@example.test>\r\n").code == 250
-    assert c.command(b"DATA\r\n").code == 354
-    assert c.command(f"Subject: steered {n}\r\n\r\nmessage {n}\r\n.\r\n".encode()).code == 250
-    assert c.command(b"QUIT\r\n").code == 221
-    c.close()
-    return greeting.lines
 
 
 def mta_host_guard(topo, make_guard, workdir, bypass: bool, name="guard", **overrides):
@@ -107,7 +70,7 @@ def test_connections_are_steered_to_the_guard_and_passed_clients_go_to_the_mta(
     # First session: through the guard (challenge line, greet pause), which
     # relays it to where it was going, port 25 of the gateway's address;
     # the MTA sees the host itself.
-    greeting = session(topo, gw, client, 1)
+    greeting = clean_session(gw, 25, client, topo.client, 1)
     assert from_guard(greeting), greeting
     assert guard.wait_verdict(client)["verdict"] == "pass"
     sink.wait_messages(1)
@@ -118,14 +81,14 @@ def test_connections_are_steered_to_the_guard_and_passed_clients_go_to_the_mta(
     # Next sessions: the kernel leaves them to the MTA's socket. The guard
     # does not see them; the MTA sees the client's own address.
     for n in (2, 3):
-        assert from_mta(session(topo, gw, client, n))
+        assert from_mta(clean_session(gw, 25, client, topo.client, n))
     sink.wait_messages(3)
     assert sink.connections() == [gw, client, client]
     assert accepted(guard) == 1
 
     # An operator blocks it: out of the map at once; its next connection
     # meets the guard, which refuses it.
-    status, body = api(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
+    status, body, _ = call(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
     assert status in (200, 201), body
     assert guard.metric("mxguard_sk_lookup_passed_total", op="remove", result="ok") == 1
     c = RawClient(gw, 25, source=client, ns=topo.client)
@@ -134,16 +97,16 @@ def test_connections_are_steered_to_the_guard_and_passed_clients_go_to_the_mta(
     assert accepted(guard) == 2
 
     # Unblocked, it is a stranger again (the block took its pass too).
-    status, body = api(guard, "DELETE", f"/api/v1/blocklist?net={client}")
+    status, body, _ = call(guard, "DELETE", f"/api/v1/blocklist?net={client}")
     assert status == 200, body
-    assert from_guard(session(topo, gw, client, 4))
+    assert from_guard(clean_session(gw, 25, client, topo.client, 4))
     assert accepted(guard) == 3
     sink.wait_messages(4)
     assert sink.connections()[-1] == gw
 
     # The program goes with the guard: port 25 is the MTA's own again.
     guard.stop()
-    assert from_mta(session(topo, gw, client, 5))
+    assert from_mta(clean_session(gw, 25, client, topo.client, 5))
     sink.wait_messages(5)
     assert sink.connections()[-1] == client
 
@@ -152,10 +115,10 @@ def test_without_the_bypass_every_session_is_the_guards(topo, make_guard, workdi
     client, gw, _, _ = topo.addrs(4)
     sink = SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
     guard = mta_host_guard(topo, make_guard, workdir, bypass=False)
-    assert from_guard(session(topo, gw, client, 1))
+    assert from_guard(clean_session(gw, 25, client, topo.client, 1))
     assert guard.wait_verdict(client)["verdict"] == "pass"
     # The guard's own pass cache: no pause the second time, but its session.
-    assert from_mta(session(topo, gw, client, 2))
+    assert from_mta(clean_session(gw, 25, client, topo.client, 2))
     sink.wait_messages(2)
     assert sink.connections() == [gw, gw]
     assert accepted(guard) == 2
@@ -180,8 +143,8 @@ def test_a_detection_takes_a_passed_client_out_of_the_map(topo, make_guard, work
 
     early = RawClient(gw, 25, source=client, ns=topo.client)
     assert early.read_reply(timeout=5).code == 220
-    session(topo, gw, client, 1)
-    assert from_mta(session(topo, gw, client, 2))
+    clean_session(gw, 25, client, topo.client, 1)
+    assert from_mta(clean_session(gw, 25, client, topo.client, 2))
 
     # EHLO must end a pipeline group: a bot's burst on the old session.
     early.send(b"EHLO hasty.example.test\r\nMAIL FROM:<a@b.example>\r\n")
