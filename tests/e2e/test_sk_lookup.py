@@ -144,6 +144,8 @@ def test_a_detection_takes_a_passed_client_out_of_the_map(topo, make_guard, work
     early = RawClient(gw, 25, source=client, ns=topo.client)
     assert early.read_reply(timeout=5).code == 220
     clean_session(gw, 25, client, topo.client, 1)
+    # The pass is in the map before the verdict is logged.
+    assert guard.wait_verdict(client)["verdict"] == "pass"
     assert from_mta(clean_session(gw, 25, client, topo.client, 2))
 
     # EHLO must end a pipeline group: a bot's burst on the old session.
@@ -234,4 +236,27 @@ def test_a_steered_session_is_spliced_byte_for_byte(topo, make_guard, workdir):
     assert body.replace(b"\r\n", b"\n") in got.content
     spliced = guard.metric("mxguard_relayed_bytes_total", direction="upstream", mode="splice")
     assert spliced > len(body) / 2, spliced
+    guard.stop()
+
+
+def test_a_block_file_takes_a_passed_client_out_of_the_map(topo, make_guard, workdir):
+    client, gw, _, _ = topo.addrs(4)
+    SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
+    block = workdir / "block.txt"
+    block.write_text("# nobody yet\n")
+    guard = mta_host_guard(topo, make_guard, workdir, bypass=True,
+                           **{"lists.block_files": [str(block)], "lists.watch_interval": "200ms"})
+    clean_session(gw, 25, client, topo.client, 1)
+    # The pass is in the map before the verdict is logged.
+    assert guard.wait_verdict(client)["verdict"] == "pass"
+    assert from_mta(clean_session(gw, 25, client, topo.client, 2))
+    assert accepted(guard) == 1
+
+    # A prefix in a file: the pass goes when the file is read again.
+    block.write_text("10.77.1.0/24\n")
+    guard.wait_metric("mxguard_sk_lookup_passed_total", 1, timeout=5, op="remove", result="ok")
+    c = RawClient(gw, 25, source=client, ns=topo.client)
+    assert c.read_reply(timeout=5).code == 554
+    c.close()
+    assert accepted(guard) == 2
     guard.stop()

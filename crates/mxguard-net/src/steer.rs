@@ -83,9 +83,9 @@ pub struct SteerConfig {
 pub struct Steer {
     _link: OwnedFd,
     _prog: OwnedFd,
-    _sockets: OwnedFd,
-    passed4: Option<OwnedFd>,
-    passed6: Option<OwnedFd>,
+    _sockets: Map,
+    passed4: Option<Map>,
+    passed6: Option<Map>,
 }
 
 impl Steer {
@@ -105,32 +105,32 @@ impl Steer {
                 "sk_lookup: no port to steer",
             ));
         }
-        let sockets = map_create(BPF_MAP_TYPE_SOCKMAP, 4, 8, 2)?;
+        let sockets = Map::create(BPF_MAP_TYPE_SOCKMAP, 4, 8, 2)?;
         for (slot, socket) in [
             (SLOT_V4, v4.map(AsFd::as_fd)),
             (SLOT_V6, v6.map(AsFd::as_fd)),
         ] {
             if let Some(socket) = socket {
                 let fd = u64::try_from(socket.as_raw_fd()).map_err(|_| bad_fd())?;
-                map_update(&sockets, &slot.to_ne_bytes(), &fd.to_ne_bytes())?;
+                sockets.update(&slot.to_ne_bytes(), &fd.to_ne_bytes())?;
             }
         }
         let (passed4, passed6) = if config.passes > 0 {
             (
-                Some(map_create(BPF_MAP_TYPE_LRU_HASH, 4, 8, config.passes)?),
-                Some(map_create(BPF_MAP_TYPE_LRU_HASH, 16, 8, config.passes)?),
+                Some(Map::create(BPF_MAP_TYPE_LRU_HASH, 4, 8, config.passes)?),
+                Some(Map::create(BPF_MAP_TYPE_LRU_HASH, 16, 8, config.passes)?),
             )
         } else {
             (None, None)
         };
         let code = program(
             config,
-            sockets.as_raw_fd(),
+            sockets.fd.as_raw_fd(),
             passed4
                 .as_ref()
                 .zip(passed6.as_ref())
-                .map(|(a, b)| (a.as_raw_fd(), b.as_raw_fd())),
-        );
+                .map(|(a, b)| (a.fd.as_raw_fd(), b.fd.as_raw_fd())),
+        )?;
         let prog = prog_load(&code)?;
         let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
         let link = link_create(&prog, &netns)?;
@@ -153,10 +153,10 @@ impl Steer {
         let until =
             monotonic_ns()?.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
         match (ip, &self.passed4, &self.passed6) {
-            (IpAddr::V4(v4), Some(map), _) => map_update(map, &v4.octets(), &until.to_ne_bytes()),
+            (IpAddr::V4(v4), Some(map), _) => map.update(&v4.octets(), &until.to_ne_bytes()),
             (IpAddr::V6(v6), _, Some(map)) => match v6.to_ipv4_mapped() {
                 Some(v4) => self.pass(IpAddr::V4(v4), ttl),
-                None => map_update(map, &v6.octets(), &until.to_ne_bytes()),
+                None => map.update(&v6.octets(), &until.to_ne_bytes()),
             },
             _ => Ok(()),
         }
@@ -165,10 +165,10 @@ impl Steer {
     /// `ip` meets the guard again from its next connection on.
     pub fn unpass(&self, ip: IpAddr) -> io::Result<()> {
         let done = match (ip, &self.passed4, &self.passed6) {
-            (IpAddr::V4(v4), Some(map), _) => map_delete(map, &v4.octets()),
+            (IpAddr::V4(v4), Some(map), _) => map.delete(&v4.octets()),
             (IpAddr::V6(v6), _, Some(map)) => match v6.to_ipv4_mapped() {
                 Some(v4) => return self.unpass(IpAddr::V4(v4)),
-                None => map_delete(map, &v6.octets()),
+                None => map.delete(&v6.octets()),
             },
             _ => Ok(()),
         };
@@ -209,10 +209,16 @@ struct Insn {
     imm: i32,
 }
 
+/// `dst_reg:4, src_reg:4` are bit-fields: their order in the byte is the
+/// target's.
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    #[cfg(target_endian = "little")]
+    let regs = (src << 4) | (dst & 0x0f);
+    #[cfg(target_endian = "big")]
+    let regs = (dst << 4) | (src & 0x0f);
     Insn {
         code,
-        regs: (src << 4) | (dst & 0x0f),
+        regs,
         off,
         imm,
     }
@@ -289,24 +295,36 @@ impl Asm {
         self.op(insn(CALL, 0, 0, 0, helper));
     }
 
-    fn finish(mut self) -> Vec<Insn> {
+    fn finish(mut self) -> io::Result<Vec<Insn>> {
         for (at, l) in std::mem::take(&mut self.jumps) {
             let target = self
                 .labels
                 .iter()
                 .find(|(name, _)| *name == l)
                 .map(|(_, pos)| *pos)
-                .unwrap_or(self.code.len());
-            // Relative to the next instruction; the program is short.
+                .ok_or_else(|| too_long(format!("no label {l:?}")))?;
+            // Relative to the next instruction.
             let off = target as i64 - at as i64 - 1;
-            self.code[at].off = i16::try_from(off).unwrap_or(i16::MAX);
+            self.code[at].off = i16::try_from(off)
+                .map_err(|_| too_long(format!("a jump of {off} instructions")))?;
         }
-        self.code
+        Ok(self.code)
     }
 }
 
+fn too_long(what: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("sk_lookup: cannot build the program: {what}"),
+    )
+}
+
 /// The program (see the module's doc). `passed`: the maps of the bypass.
-fn program(config: &SteerConfig, sockets: i32, passed: Option<(i32, i32)>) -> Vec<Insn> {
+fn program(
+    config: &SteerConfig,
+    sockets: i32,
+    passed: Option<(i32, i32)>,
+) -> io::Result<Vec<Insn>> {
     let mut a = Asm::default();
     a.op(insn(MOV_X, R6, R1, 0, 0));
     // The port asked for (host order).
@@ -440,11 +458,16 @@ struct LinkCreateAttr {
 }
 
 /// `bpf(cmd, attr, sizeof attr)`.
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialised `repr(C)` value of the layout
-    // the kernel expects for `cmd` (a prefix of `union bpf_attr`; the
-    // kernel treats the bytes it does not get as zero), and the pointers
-    // inside it point to buffers that outlive the call.
+///
+/// # Safety
+///
+/// `T` must be the layout the kernel expects for `cmd` (a prefix of
+/// `union bpf_attr`; the kernel takes the bytes it does not get as zero),
+/// and every address inside `attr` must point to memory that is valid for
+/// the size the kernel reads or writes there, for the whole call.
+unsafe fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live `repr(C)` value; the rest is the caller's
+    // promise (above).
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -460,10 +483,14 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+/// # Safety
+///
+/// `fd` must be a descriptor the kernel has just returned to us, owned by
+/// nothing else.
+unsafe fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(|_| bad_fd())?;
-    // SAFETY: the kernel just returned this descriptor to us (BPF objects
-    // are created close-on-exec); nothing else owns it.
+    // SAFETY: the caller's promise (above); BPF objects are created
+    // close-on-exec.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -471,47 +498,81 @@ fn fd_u32(fd: &impl AsRawFd) -> io::Result<u32> {
     u32::try_from(fd.as_raw_fd()).map_err(|_| bad_fd())
 }
 
-fn map_create(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-) -> io::Result<OwnedFd> {
-    let mut attr = MapCreateAttr {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        map_flags: 0,
-    };
-    bpf(BPF_MAP_CREATE, &mut attr).and_then(owned).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("sk_lookup: cannot create a BPF map (needs CAP_BPF and CAP_NET_ADMIN): {e}"),
-        )
-    })
+/// A BPF map and the sizes of its keys and values, which every access is
+/// checked against (the kernel reads that many bytes at the addresses it
+/// is given).
+#[derive(Debug)]
+struct Map {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
 }
 
-fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
-    let mut attr = MapElemAttr {
-        map_fd: fd_u32(map)?,
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        flags: 0, // BPF_ANY
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
-}
+impl Map {
+    fn create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> io::Result<Map> {
+        let mut attr = MapCreateAttr {
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+            map_flags: 0,
+        };
+        // SAFETY: the layout of BPF_MAP_CREATE; no addresses in it.
+        let created = unsafe { bpf(BPF_MAP_CREATE, &mut attr) };
+        // SAFETY: a descriptor BPF_MAP_CREATE just returned.
+        let fd = created.and_then(|fd| unsafe { owned(fd) }).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "sk_lookup: cannot create a BPF map (needs CAP_BPF and CAP_NET_ADMIN, \
+                     and before Linux 5.11 a locked-memory limit above the maps' size): {e}"
+                ),
+            )
+        })?;
+        Ok(Map {
+            fd,
+            key_size: key_size as usize,
+            value_size: value_size as usize,
+        })
+    }
 
-fn map_delete(map: &OwnedFd, key: &[u8]) -> io::Result<()> {
-    let mut attr = MapElemAttr {
-        map_fd: fd_u32(map)?,
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: 0,
-        flags: 0,
-    };
-    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
+    fn check(&self, key: &[u8], value: Option<&[u8]>) -> io::Result<()> {
+        if key.len() != self.key_size || value.is_some_and(|v| v.len() != self.value_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "sk_lookup: a key or value of the wrong size for its map",
+            ));
+        }
+        Ok(())
+    }
+
+    fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+        self.check(key, Some(value))?;
+        let mut attr = MapElemAttr {
+            map_fd: fd_u32(&self.fd)?,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            flags: 0, // BPF_ANY
+        };
+        // SAFETY: the layout of BPF_MAP_UPDATE_ELEM; `key` and `value` are
+        // borrowed for the call and as long as the map's sizes (checked).
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+    }
+
+    fn delete(&self, key: &[u8]) -> io::Result<()> {
+        self.check(key, None)?;
+        let mut attr = MapElemAttr {
+            map_fd: fd_u32(&self.fd)?,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: 0,
+            flags: 0,
+        };
+        // SAFETY: the layout of BPF_MAP_DELETE_ELEM; `key` is borrowed for
+        // the call and as long as the map's keys (checked).
+        unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
+    }
 }
 
 fn prog_load(code: &[Insn]) -> io::Result<OwnedFd> {
@@ -532,8 +593,13 @@ fn prog_load(code: &[Insn]) -> io::Result<OwnedFd> {
         prog_ifindex: 0,
         expected_attach_type: BPF_SK_LOOKUP,
     };
-    match bpf(BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => owned(fd),
+    // SAFETY: the layout of BPF_PROG_LOAD; `code` (insn_cnt instructions)
+    // and the NUL-terminated LICENSE are borrowed for the call (and `log`,
+    // log_size bytes, in the second call below).
+    let loaded = unsafe { bpf(BPF_PROG_LOAD, &mut attr) };
+    match loaded {
+        // SAFETY: a descriptor BPF_PROG_LOAD just returned.
+        Ok(fd) => unsafe { owned(fd) },
         Err(e)
             if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EINVAL) =>
         {
@@ -542,12 +608,14 @@ fn prog_load(code: &[Insn]) -> io::Result<OwnedFd> {
             attr.log_level = 1;
             attr.log_size = u32::try_from(log.len()).unwrap_or(0);
             attr.log_buf = log.as_mut_ptr() as u64;
-            let again = bpf(BPF_PROG_LOAD, &mut attr);
+            // SAFETY: as above.
+            let again = unsafe { bpf(BPF_PROG_LOAD, &mut attr) };
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
             let text = String::from_utf8_lossy(&log[..end]);
             let tail: Vec<&str> = text.lines().rev().take(8).collect();
             match again {
-                Ok(fd) => owned(fd),
+                // SAFETY: a descriptor BPF_PROG_LOAD just returned.
+                Ok(fd) => unsafe { owned(fd) },
                 Err(_) => Err(io::Error::new(
                     e.kind(),
                     format!(
@@ -571,14 +639,15 @@ fn link_create(prog: &OwnedFd, netns: &std::fs::File) -> io::Result<OwnedFd> {
         attach_type: BPF_SK_LOOKUP,
         flags: 0,
     };
-    bpf(BPF_LINK_CREATE, &mut attr)
-        .and_then(owned)
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("sk_lookup: cannot attach to the network namespace: {e}"),
-            )
-        })
+    // SAFETY: the layout of BPF_LINK_CREATE; no addresses in it.
+    let created = unsafe { bpf(BPF_LINK_CREATE, &mut attr) };
+    // SAFETY: a descriptor BPF_LINK_CREATE just returned.
+    created.and_then(|fd| unsafe { owned(fd) }).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("sk_lookup: cannot attach to the network namespace: {e}"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -597,7 +666,7 @@ mod tests {
     fn every_jump_lands_inside_the_program_and_on_the_pass_at_the_end() {
         for passed in [None, Some((7, 8))] {
             for c in [config(&[25], &[]), config(&[25, 587, 465], &[2, 3])] {
-                let code = program(&c, 5, passed);
+                let code = program(&c, 5, passed).unwrap();
                 let n = code.len() as i64;
                 assert_eq!(code[code.len() - 1].code, EXIT);
                 assert_eq!(code[code.len() - 2], insn(MOV_K, R0, 0, 0, SK_PASS));

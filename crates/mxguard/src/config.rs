@@ -793,6 +793,23 @@ impl Config {
             if self.sk_lookup.ports.contains(&0) {
                 return bad("sk_lookup.ports", "0 is not a port".into());
             }
+            // One comparison each in the program.
+            if self.sk_lookup.ports.len() > 64 || self.sk_lookup.interfaces.len() > 64 {
+                return bad("sk_lookup", "at most 64 ports and 64 interfaces".into());
+            }
+            if self.sk_lookup.bypass_passed
+                && self.sk_lookup.bypass_entries as usize > self.pass_cache.max_entries
+            {
+                // A pass the guard's cache no longer holds could not be
+                // found again by a block of its prefix.
+                return bad(
+                    "sk_lookup.bypass_entries",
+                    format!(
+                        "more than pass_cache.max_entries ({})",
+                        self.pass_cache.max_entries
+                    ),
+                );
+            }
             if self.sk_lookup.bypass_entries == 0 || self.sk_lookup.bypass_entries > 16 << 20 {
                 return bad("sk_lookup.bypass_entries", "between 1 and 16777216".into());
             }
@@ -1162,6 +1179,10 @@ mod tests {
             ("ports = [0]\n", "sk_lookup.ports"),
             ("interfaces = [\"\"]\n", "sk_lookup.interfaces"),
             ("bypass_entries = 0\n", "sk_lookup.bypass_entries"),
+            (
+                "bypass_passed = true\nbypass_entries = 2000\n[pass_cache]\nmax_entries = 1000\n",
+                "sk_lookup.bypass_entries",
+            ),
         ] {
             let c = Config::parse(&format!("{mode}[sk_lookup]\n{bad}")).unwrap();
             assert_eq!(c.validate().unwrap_err().key, key, "{bad}");

@@ -161,6 +161,9 @@ pub trait ListSink: Send + Sync {
     /// The list files were read again: entries came and went without a
     /// record each.
     fn files_loaded(&self) {}
+    /// `record` is in the lists now (`added` ran before it was): what
+    /// `listed` answers from here on includes it.
+    fn published(&self, _record: &DynamicRecord) {}
 }
 
 /// The lists of one daemon.
@@ -368,6 +371,9 @@ impl Lists {
             },
         );
         self.snapshot.store(Arc::new(current.with_dynamic(dynamic)));
+        for sink in &w.sinks {
+            sink.published(&record);
+        }
         let meta = w.meta.get(&net).cloned();
         drop(w);
         Ok(Some(view_of(net, &entry, meta.as_ref(), &anchor)))

@@ -44,6 +44,13 @@ pub fn attach(config: &Config, listeners: &[std::net::TcpListener]) -> anyhow::R
             .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv6() == v6))
     };
     let (v4, v6) = (family(false), family(true));
+    for (missing, name) in [(v4.is_none(), "IPv4"), (v6.is_none(), "IPv6")] {
+        if missing {
+            tracing::warn!(
+                "sk_lookup: no {name} address in intercept.listen: {name} connections are not steered and reach the MTA unguarded"
+            );
+        }
+    }
     let steer = Steer::attach(
         &SteerConfig {
             ports: settings.ports.clone(),
@@ -136,27 +143,50 @@ impl KernelPasses for SkLookup {
         if ttl.is_zero() {
             return;
         }
-        // A session that passed while a concurrent one got the address
-        // blocked: the block's removal may have run already.
-        if let Some(shared) = self.shared() {
-            if shared.listed(ip) == Some(ListKind::Block) {
-                self.forget(&shared, IpNet::from(ip));
-                return;
-            }
-        }
         let result = self.steer.pass(ip, ttl);
         self.count("add", ip, result);
+        // Written first, checked after: a block published before this
+        // check is seen here, one published after it takes the entry out
+        // itself (`published`), so a pass never outlives a block.
+        if let Some(shared) = self.shared() {
+            if shared.listed(ip) == Some(ListKind::Block) {
+                shared.forget_passes(IpNet::from(ip));
+                let result = self.steer.unpass(ip);
+                self.count("remove", ip, result);
+            }
+        }
     }
 }
 
 impl ListSink for SkLookup {
-    fn added(&self, record: &DynamicRecord, _sync: bool) -> Result<(), String> {
-        if record.kind == ListKind::Block {
-            if let Some(shared) = self.shared() {
-                self.forget(&shared, record.net);
-            }
-        }
+    fn added(&self, _record: &DynamicRecord, _sync: bool) -> Result<(), String> {
         Ok(())
+    }
+
+    /// A block is in the lists: its passes go, those of the pass cache and,
+    /// for one address, the map's own whether the cache still had it or not.
+    fn published(&self, record: &DynamicRecord) {
+        if record.kind != ListKind::Block {
+            return;
+        }
+        let Some(shared) = self.shared() else {
+            return;
+        };
+        let mut gone: Vec<IpAddr> = shared
+            .forget_passes(record.net)
+            .into_iter()
+            .map(mxguard_policy::canonical_ip)
+            .collect();
+        let net = mxguard_policy::canonical_net(record.net);
+        if net.prefix_len() == net.max_prefix_len() {
+            gone.push(net.addr());
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        for ip in gone {
+            let result = self.steer.unpass(ip);
+            self.count("remove", ip, result);
+        }
     }
 
     fn removed(&self, _kind: ListKind, _net: IpNet) -> Result<(), String> {
