@@ -14,13 +14,14 @@ the guard stops, the program goes with it and port 25 is the MTA's own."""
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
 import guard as guard_mod
 import netns
 from admin_api import call, write_tokens
-from peers import RawClient, SmtpSink, clean_session, free_port, wait_until
+from peers import PostfixMta, RawClient, SmtpSink, clean_session, free_port, run, wait_until
 
 pytestmark = [pytest.mark.time_limit(90)]
 
@@ -260,3 +261,38 @@ def test_a_block_file_takes_a_passed_client_out_of_the_map(topo, make_guard, wor
     c.close()
     assert accepted(guard) == 2
     guard.stop()
+
+
+def relay_attempt(gw: str, client: str, ns: str) -> int:
+    """A session through the guard that asks the MTA to relay: the RCPT's
+    reply code."""
+    c = RawClient(gw, 25, source=client, ns=ns)
+    assert c.read_reply(timeout=5).code == 220
+    assert c.command(b"EHLO client.example.test\r\n").code == 250
+    assert c.command(b"MAIL FROM:<spammer@sender.example.test>\r\n").code == 250
+    code = c.command(b"RCPT TO:<victim@elsewhere.example>\r\n").code
+    c.command(b"QUIT\r\n")
+    c.close()
+    return code
+
+
+def test_a_postfix_that_trusts_its_host_relays_for_the_guards_sessions_unless_told(topo, make_guard, workdir):
+    """The hazard docs/deployment.md warns of: the guard's sessions reach the
+    MTA from the host's own address, which Postfix's default mynetworks
+    (style `host`) trusts. `-o mynetworks=` on the port-25 service (the
+    documented `postconf -P`) closes it."""
+    client, gw, gw_mta_side, _ = topo.addrs(4)
+    host_networks = f"127.0.0.0/8 [::1]/128 {gw}/32 {gw_mta_side}/32"
+    mta = PostfixMta(workdir, host="0.0.0.0", port=25, ns=topo.gw,
+                     extra_main={"mynetworks": host_networks})
+    mta_host_guard(topo, make_guard, workdir, bypass=False, **{"greet.delay": "0s"})
+    assert relay_attempt(gw, client, topo.client) == 250
+    run(["postconf", "-c", str(mta.dir), "-P", "0.0.0.0:25/inet/mynetworks="])
+    mta.postfix("reload")
+    mta.wait_log(r"master\[\d+\]: reload -- version")
+    # smtpd processes started before the reload may serve one more session.
+    time.sleep(1)
+    # 554 with this MTA's reject_unauth_destination (Postfix's default,
+    # defer_unauth_destination, says 454).
+    assert relay_attempt(gw, client, topo.client) == 554
+    assert "Relay access denied" in mta.log()

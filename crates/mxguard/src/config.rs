@@ -1187,6 +1187,13 @@ mod tests {
             let c = Config::parse(&format!("{mode}[sk_lookup]\n{bad}")).unwrap();
             assert_eq!(c.validate().unwrap_err().key, key, "{bad}");
         }
+        let many: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
+        let c = Config::parse(&format!(
+            "{mode}[sk_lookup]\nports = [{}]\n",
+            many.join(", ")
+        ))
+        .unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "sk_lookup");
         // Settings for another mode's guard are a mistake, not a no-op.
         let c = Config::parse("[sk_lookup]\nbypass_passed = true\n").unwrap();
         let e = c.validate().unwrap_err();
