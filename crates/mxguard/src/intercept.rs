@@ -3,8 +3,8 @@
 //! `fixed` forwards to the configured MTA; `redirect` asks the kernel for
 //! the destination iptables REDIRECT rewrote (`SO_ORIGINAL_DST`); `tproxy`
 //! and `sk_lookup` read it off the accepted socket, whose local address
-//! *is* the original destination. Tests on loopback use `fixed` and need no root; the real
-//! modes are tested in network namespaces.
+//! *is* the original destination. Tests on loopback use `fixed` and need
+//! no root; the real modes are tested in network namespaces.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

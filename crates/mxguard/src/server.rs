@@ -335,9 +335,9 @@ pub async fn run(
     // Steering starts once the sockets are there to take the connections
     // (they wait in the backlogs until the session threads accept).
     let steer = if config.intercept.mode == Mode::SkLookup {
-        let first: Vec<std::net::TcpListener> = Vec::new();
-        let group = listeners.first().unwrap_or(&first);
-        Some(crate::sk_lookup::attach(&config, group)?)
+        // The first thread's sockets: one per listen address.
+        let sockets = listeners.first().map_or(&[][..], Vec::as_slice);
+        Some(crate::sk_lookup::attach(&config, sockets)?)
     } else {
         None
     };
