@@ -12,6 +12,7 @@ to the MTA's socket without the guard; a block takes it out again. When
 the guard stops, the program goes with it and port 25 is the MTA's own."""
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -296,3 +297,26 @@ def test_a_postfix_that_trusts_its_host_relays_for_the_guards_sessions_unless_to
     # defer_unauth_destination, says 454).
     assert relay_attempt(gw, client, topo.client) == 554
     assert "Relay access denied" in mta.log()
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft missing (tests/install-deps.sh)")
+def test_nftables_drops_blocked_clients_before_the_program(topo, make_guard, workdir):
+    """Blocks in the kernel as in the other modes: `[nftables]` without its
+    redirect is an input chain, which the packets meet before the socket
+    lookup (and the program) does."""
+    client, gw, _, _ = topo.addrs(4)
+    SmtpSink(workdir, host="0.0.0.0", port=25, ns=topo.gw)
+    table = "mxguard_sk_e2e"
+    guard = mta_host_guard(topo, make_guard, workdir, bypass=False,
+                           **{"nftables.enabled": True, "nftables.table": table,
+                              "nftables.batch_interval": "100ms"})
+    try:
+        assert netns.syn_answered(topo.client, gw, 25, client)
+        status, body, _ = call(guard, "POST", "/api/v1/blocklist", {"address": client, "ttl_seconds": 600})
+        assert status in (200, 201), body
+        guard.wait_metric("mxguard_nftables_elements_total", 1, timeout=5, result="ok")
+        assert not netns.syn_answered(topo.client, gw, 25, client)
+        assert accepted(guard) == 1
+    finally:
+        guard.stop()
+        netns.in_ns(topo.gw, "nft", "delete", "table", "inet", table, check=False)
