@@ -24,6 +24,27 @@ def write_tokens(workdir: Path) -> Path:
     return path
 
 
+def bypass_guard(make_guard, workdir: Path, ns: str, listen: list[str], ready: str, **settings):
+    """A guard of the kernel-bypass tests (nftables or sk_lookup) in
+    namespace `ns`: a 500 ms greet pause, passes kept an hour, the admin API
+    on; started once its log says `ready` (a regular expression)."""
+    config = {
+        "greet.delay": "500ms",
+        "greet.connect_lead": "200ms",
+        "pass_cache.ttl": "1h",
+        "admin.token_file": str(write_tokens(workdir)),
+        **settings,
+    }
+    guard = make_guard(listen=listen, ns=ns, **config)
+    guard.wait_log(ready)
+    return guard
+
+
+def accepted(guard) -> float:
+    """Connections the guard accepted."""
+    return guard.metric("mxguard_connections_accepted_total")
+
+
 def api_guard(make_guard, workdir: Path, upstream: str, **overrides):
     """A guard with the API on (token file) and the event log in its workdir."""
     tokens = write_tokens(workdir)

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 import netns
-from admin_api import call, write_tokens
+from admin_api import accepted, bypass_guard, call
 from peers import RawClient, SmtpSink, clean_session, free_port, wait_until
 
 pytestmark = [
@@ -43,27 +43,17 @@ def in_set(ns: str, name: str, ip: str) -> bool:
 def gateway(topo, make_guard, workdir, bypass: bool, name="guard", **overrides):
     """The guard in the gateway namespace, owning the redirect."""
     port = free_port()
-    config = {
-        "intercept.mode": "redirect",
-        "greet.delay": "500ms",
-        "greet.connect_lead": "200ms",
-        "pass_cache.ttl": "1h",
-        "admin.token_file": str(write_tokens(workdir)),
-        "nftables.enabled": True,
-        "nftables.table": TABLE,
-        "nftables.batch_interval": "100ms",
-        "nftables.redirect": True,
-        "nftables.redirect_interfaces": ["g0"],
-        "nftables.bypass_passed": bypass,
-    }
-    config.update(overrides)
-    guard = make_guard(listen=[f"0.0.0.0:{port}", f"[::]:{port}"], ns=topo.gw, name=name, **config)
-    guard.wait_log(rf"nftables: new connections to ports \[25\] on g0 redirected to port {port}")
-    return guard
-
-
-def accepted(guard) -> float:
-    return guard.metric("mxguard_connections_accepted_total")
+    return bypass_guard(
+        make_guard, workdir, topo.gw, [f"0.0.0.0:{port}", f"[::]:{port}"],
+        rf"nftables: new connections to ports \[25\] on g0 redirected to port {port}", name=name,
+        **{"intercept.mode": "redirect",
+           "nftables.enabled": True,
+           "nftables.table": TABLE,
+           "nftables.batch_interval": "100ms",
+           "nftables.redirect": True,
+           "nftables.redirect_interfaces": ["g0"],
+           "nftables.bypass_passed": bypass,
+           **overrides})
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 
 import guard as guard_mod
 import netns
-from admin_api import call, write_tokens
+from admin_api import accepted, bypass_guard, call
 from peers import PostfixMta, RawClient, SmtpSink, clean_session, free_port, run, wait_until
 
 pytestmark = [pytest.mark.time_limit(90)]
@@ -33,25 +33,15 @@ def mta_host_guard(topo, make_guard, workdir, bypass: bool, name="guard", **over
     """The guard beside the MTA in the gateway namespace, listening on
     loopback only, steering port 25 from g0."""
     port = free_port()
-    config = {
-        "intercept.mode": "sk_lookup",
-        "greet.delay": "500ms",
-        "greet.connect_lead": "200ms",
-        "pass_cache.ttl": "1h",
-        "admin.token_file": str(write_tokens(workdir)),
-        "sk_lookup.ports": [25],
-        "sk_lookup.interfaces": ["g0"],
-        "sk_lookup.bypass_passed": bypass,
-    }
-    config.update(overrides)
-    guard = make_guard(listen=[f"127.0.0.1:{port}", f"[::1]:{port}"], ns=topo.gw, name=name, **config)
-    guard.wait_log(r"sk_lookup: new connections to ports \[25\] on g0 steered to "
-                   rf"127\.0\.0\.1:{port}, \[::1\]:{port}")
-    return guard
-
-
-def accepted(guard) -> float:
-    return guard.metric("mxguard_connections_accepted_total")
+    return bypass_guard(
+        make_guard, workdir, topo.gw, [f"127.0.0.1:{port}", f"[::1]:{port}"],
+        r"sk_lookup: new connections to ports \[25\] on g0 steered to "
+        rf"127\.0\.0\.1:{port}, \[::1\]:{port}", name=name,
+        **{"intercept.mode": "sk_lookup",
+           "sk_lookup.ports": [25],
+           "sk_lookup.interfaces": ["g0"],
+           "sk_lookup.bypass_passed": bypass,
+           **overrides})
 
 
 def from_guard(greeting: list[bytes]) -> bool:
