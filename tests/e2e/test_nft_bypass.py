@@ -84,6 +84,8 @@ def test_a_client_that_passed_reaches_the_mta_without_the_guard_until_it_is_bloc
     wait_until(lambda: in_set(topo.gw, passed, client), 5, "the client in the passed set")
     assert re.search(r"timeout 1h", nft_set(topo.gw, passed)), nft_set(topo.gw, passed)
     assert guard.metric("mxguard_nftables_passed_total", op="add", result="ok") == 1
+    # One list look-up, the admission's: the batch's own check is not one.
+    assert guard.metric("mxguard_blocklist_lookups_total", result="unlisted") == 1
 
     # Next sessions: straight to the MTA. The guard does not see them; the
     # MTA sees the client's own address and greets it itself.

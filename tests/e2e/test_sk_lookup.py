@@ -69,6 +69,8 @@ def test_connections_are_steered_to_the_guard_and_passed_clients_go_to_the_mta(
     assert sink.connections() == [gw]
     assert accepted(guard) == 1
     assert guard.metric("mxguard_sk_lookup_passed_total", op="add", result="ok") == 1
+    # One list look-up, the admission's: the pass's own check is not one.
+    assert guard.metric("mxguard_blocklist_lookups_total", result="unlisted") == 1
 
     # Next sessions: the kernel leaves them to the MTA's socket. The guard
     # does not see them; the MTA sees the client's own address.

@@ -236,7 +236,7 @@ impl Nft {
                 .passes()
                 .into_iter()
                 .map(|(ip, _)| ip)
-                .filter(|ip| shared.listed(*ip) == Some(ListKind::Block))
+                .filter(|ip| shared.blocked_now(*ip))
                 .collect();
             for ip in blocked {
                 self.forget(shared, ip);
@@ -248,7 +248,7 @@ impl Nft {
         for (ip, ms) in std::mem::take(&mut *self.passes.lock()) {
             // A session that passed while a concurrent one got the
             // address blocked.
-            if shared.listed(ip) == Some(ListKind::Block) {
+            if shared.blocked_now(ip) {
                 self.forget(shared, ip);
                 continue;
             }
@@ -490,7 +490,7 @@ async fn batch_loop(shared: Arc<Shared>, nft: Arc<Nft>, every: Duration) {
         let batch: Vec<Element> = std::mem::take(&mut *nft.queue.lock())
             .into_iter()
             // A block that an allow entry overrides stays out of the kernel.
-            .filter(|(ip, _)| shared.listed(*ip) == Some(ListKind::Block))
+            .filter(|(ip, _)| shared.blocked_now(*ip))
             .collect();
         if !batch.is_empty() {
             let n = batch.len() as u64;

@@ -133,12 +133,19 @@ impl Shared {
         }
     }
 
-    /// What the allow/block lists say about `ip`: lock-free.
+    /// What the allow/block lists say about `ip`: lock-free. Counted in
+    /// `mxguard_blocklist_lookups_total` (admission's look-ups).
     pub fn listed(&self, ip: IpAddr) -> Option<ListKind> {
         let listed = self.lists.classify_kind(ip);
         self.metrics
             .list_lookup(listed.map(|k| k == ListKind::Block));
         listed
+    }
+
+    /// Whether `ip` is blocked now, uncounted: the kernel copies' own
+    /// checks (a pass against a block), which are not admissions.
+    pub fn blocked_now(&self, ip: IpAddr) -> bool {
+        self.lists.classify_kind(ip) == Some(ListKind::Block)
     }
 
     #[allow(dead_code)] // admission asks `listed`; kept for the admin API

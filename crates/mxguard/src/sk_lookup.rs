@@ -149,7 +149,7 @@ impl KernelPasses for SkLookup {
         // check is seen here, one published after it takes the entry out
         // itself (`published`), so a pass never outlives a block.
         if let Some(shared) = self.shared() {
-            if shared.listed(ip) == Some(ListKind::Block) {
+            if shared.blocked_now(ip) {
                 shared.forget_passes(IpNet::from(ip));
                 let result = self.steer.unpass(ip);
                 self.count("remove", ip, result);
@@ -199,7 +199,7 @@ impl ListSink for SkLookup {
             return;
         };
         for (ip, _) in shared.passes() {
-            if shared.listed(ip) == Some(ListKind::Block) {
+            if shared.blocked_now(ip) {
                 self.forget(&shared, IpNet::from(ip));
             }
         }
