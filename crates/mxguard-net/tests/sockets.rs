@@ -320,3 +320,113 @@ fn a_group_does_not_join_a_port_already_listened_on() {
     drop(first);
     bind_listeners(SocketAddr::from(([127, 0, 0, 1], port)), false, 128, 2).unwrap();
 }
+
+/// Segments the kernel has sent on this socket (`tcpi_segs_out`).
+fn segs_out(sock: &impl AsFd) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd; `info` and `len` describe a live buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    // SAFETY: plain integers, zeroed to start with.
+    unsafe { info.assume_init() }.tcpi_segs_out
+}
+
+/// Waits until `stream` is readable (bytes or the end of the stream).
+async fn readable(stream: &TcpStream) {
+    tokio::time::timeout(Duration::from_secs(5), stream.readable())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_closing_peers_fin_is_read_with_its_last_bytes() {
+    let (ours, mta) = connected_pair(addr("127.0.0.1:0")).await;
+    mta.try_write(b"221 bye\r\n").unwrap();
+    SockRef::from(&mta)
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+    readable(&ours).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |bytes| {
+        got.extend_from_slice(bytes);
+        got.starts_with(b"221 ")
+    });
+    assert_eq!(read.unwrap(), (9, true), "the FIN with the reply");
+    assert_eq!(got, b"221 bye\r\n");
+
+    // Not closing: one read, as read_turn, and the FIN for the next one.
+    let (ours, mta) = connected_pair(addr("127.0.0.1:0")).await;
+    mta.try_write(b"250 ok\r\n").unwrap();
+    SockRef::from(&mta)
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+    readable(&ours).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |_| false);
+    assert_eq!(read.unwrap(), (8, false));
+    readable(&ours).await;
+    assert_eq!(
+        mxguard_net::read_turn_to_close(&ours, &mut buf, |_| false).unwrap(),
+        (0, true)
+    );
+
+    // Closing but the FIN not there yet: the bytes, and the readiness
+    // cleared by the second read's EAGAIN (the FIN raises it again).
+    let (ours, mta) = connected_pair(addr("127.0.0.1:0")).await;
+    mta.try_write(b"221 bye\r\n").unwrap();
+    readable(&ours).await;
+    let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |_| true);
+    assert_eq!(read.unwrap(), (9, false));
+    drop(mta);
+    readable(&ours).await;
+    assert_eq!(
+        mxguard_net::read_turn_to_close(&ours, &mut buf, |_| true).unwrap(),
+        (0, true)
+    );
+}
+
+#[tokio::test]
+async fn the_last_bytes_and_the_fin_leave_in_one_segment() {
+    // The guard's way: MSG_MORE, then the shutdown.
+    let (client, ours) = connected_pair(addr("127.0.0.1:0")).await;
+    let before = segs_out(&ours);
+    let n = mxguard_net::send_before_shutdown(&ours, b"221 bye\r\n").unwrap();
+    assert_eq!(n, 9);
+    SockRef::from(&ours)
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+    let mut got = Vec::new();
+    let mut reader = client;
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut got)
+        .await
+        .unwrap();
+    assert_eq!(got, b"221 bye\r\n", "the bytes, then the end of the stream");
+    assert_eq!(segs_out(&ours) - before, 1, "data and FIN in one segment");
+
+    // A plain write then the shutdown: two.
+    let (mut client, ours) = connected_pair(addr("127.0.0.1:0")).await;
+    let before = segs_out(&ours);
+    ours.try_write(b"221 bye\r\n").unwrap();
+    SockRef::from(&ours)
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
+        .await
+        .unwrap();
+    assert_eq!(got, b"221 bye\r\n");
+    assert_eq!(segs_out(&ours) - before, 2);
+}

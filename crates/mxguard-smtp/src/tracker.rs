@@ -417,6 +417,8 @@ pub struct TurnTracker {
     /// sure: it looks again as the line's next bytes come (a client that
     /// writes `GE`, then `T / HTTP/1.1`, is still seen).
     foreign_unsure: bool,
+    /// The MTA's last reply ends its side: `221` to `QUIT`, or a `421`.
+    upstream_closing: bool,
 }
 
 impl TurnTracker {
@@ -453,6 +455,7 @@ impl TurnTracker {
             held_mail: None,
             turn_checked: false,
             foreign_unsure: false,
+            upstream_closing: false,
         }
     }
 
@@ -559,6 +562,12 @@ impl TurnTracker {
         self.blind
     }
 
+    /// The MTA's last reply was one after which an SMTP server closes the
+    /// connection (`221` to `QUIT`, or a `421`): its end of stream is due.
+    pub fn upstream_closing(&self) -> bool {
+        self.upstream_closing
+    }
+
     /// A message is in flight (DATA body or BDAT chunks): cutting the
     /// upstream connection now makes the MTA drop it.
     pub fn in_message(&self) -> bool {
@@ -654,6 +663,11 @@ impl TurnTracker {
             // Its buffer reads the next reply.
             self.replies.recycle(done.bytes);
         }
+    }
+
+    /// Replies queued for the client, due or held back.
+    pub fn replies_queued(&self) -> usize {
+        self.out_client.len()
     }
 
     /// When a held reply becomes due.
@@ -1237,6 +1251,11 @@ impl TurnTracker {
 
     fn reply(&mut self, now: Instant, code: u16, raw: Vec<u8>) {
         self.release_locals(now);
+        let answers_quit = matches!(
+            self.pending.front(),
+            Some(p) if matches!(p.turn, Turn::Command(Verb::Quit))
+        );
+        self.upstream_closing = code == 421 || (code == 221 && answers_quit);
         let Some(pending) = self.pending.pop_front() else {
             // Unsolicited (a 421 before closing): pass it on.
             self.queue_reply(now, raw, Turn::Command(Verb::Quit), false);
@@ -2032,6 +2051,28 @@ mod tests {
             .mta_says(b"250 ok\r\n250 ok\r\n354 go\r\n");
         s.client_sends(b"x\r\n.\r\nQUIT\r\n");
         assert!(s.violations().is_empty(), "{:?}", s.events);
+    }
+
+    #[test]
+    fn the_mta_closes_after_its_221_to_quit_or_a_421() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        assert!(!s.t.upstream_closing());
+        s.client_sends(b"NOOP\r\n")
+            .mta_says(b"221 odd but not to QUIT\r\n");
+        assert!(!s.t.upstream_closing(), "221 to another command");
+        s.client_sends(b"QUIT\r\n").mta_says(b"221 bye\r\n");
+        assert!(s.t.upstream_closing());
+        assert!(s.client.ends_with(b"221 bye\r\n"));
+
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.client_sends(b"MAIL FROM:<a@b>\r\n")
+            .mta_says(b"250 ok\r\n");
+        assert!(!s.t.upstream_closing());
+        s.client_sends(b"RCPT TO:<c@d>\r\n")
+            .mta_says(b"421 4.3.2 shutting down\r\n");
+        assert!(s.t.upstream_closing(), "421 to any command");
     }
 
     #[test]

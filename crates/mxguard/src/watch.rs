@@ -159,6 +159,7 @@ pub async fn watch(
             client,
             upstream,
             now,
+            upstream_eof,
             w.record,
             &shared.relay_counters,
         ) {
@@ -285,20 +286,24 @@ pub async fn watch(
             Some(true) => {
                 let tracker = &mut w.tracker;
                 let mut garbage = false;
-                let read = read_turn(upstream, |bytes| {
-                    last_activity = Instant::now();
-                    garbage = tracker
-                        .on_upstream(last_activity.into_std(), bytes)
-                        .is_err();
+                // Once the MTA has said its last (221 to QUIT), its FIN is
+                // looked for at once: known with the reply, the two go to
+                // the client in one segment, with no wake-up in between.
+                let read = mxguard_net::with_turn_buffer(|buf| {
+                    mxguard_net::read_turn_to_close(upstream, buf, |bytes| {
+                        last_activity = Instant::now();
+                        garbage |= tracker
+                            .on_upstream(last_activity.into_std(), bytes)
+                            .is_err();
+                        !garbage && tracker.upstream_closing()
+                    })
                 });
                 match read {
-                    Ok(0) => upstream_eof = true,
-                    Ok(_) => {
-                        if garbage {
-                            return w.upstream_garbage(client).await;
-                        }
-                    }
+                    Ok(_) if garbage => return w.upstream_garbage(client).await,
+                    Ok((n, eof)) => upstream_eof = n == 0 || eof,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A reset once it said goodbye ends nothing owed.
+                    Err(_) if w.tracker.upstream_closing() => upstream_eof = true,
                     Err(_) => {
                         // The MTA is gone mid-session: the client must not
                         // think its mail was taken.
@@ -383,12 +388,16 @@ fn read_turn_into(
 }
 
 /// Writes pending output both ways without blocking. Returns whether any
-/// byte moved; an error means a side is gone.
+/// byte moved; an error means a side is gone. With the MTA gone
+/// (`upstream_eof`) the last reply queued, once written, is followed at
+/// once by the client's shutdown, and its FIN may leave with it
+/// ([`mxguard_net::send_before_shutdown`]).
 fn flush(
     tracker: &mut TurnTracker,
     client: &TcpStream,
     upstream: &TcpStream,
     now: Instant,
+    upstream_eof: bool,
     record: &mut Record<'_>,
     counters: &dyn RelayObserver,
 ) -> io::Result<bool> {
@@ -405,7 +414,12 @@ fn flush(
         }
     }
     while let Some(out) = tracker.client_output(now.into_std()) {
-        match client.try_write(out) {
+        let written = if upstream_eof && tracker.replies_queued() == 1 {
+            mxguard_net::send_before_shutdown(client, out)
+        } else {
+            client.try_write(out)
+        };
+        match written {
             Ok(n) => {
                 tracker.client_written(now.into_std(), n);
                 record.bytes_down += n as u64;
