@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from peers import (REPO, FastSink, Guard, HAProxy, Postscreen, Proc, SmtpSink, cpu_seconds,  # noqa: E402
-                   fd_count, haproxy_available, loadavg, rss_bytes, wait_until)
+                   fd_count, haproxy_available, loadavg, rss_bytes, tcp_segments_out, wait_until)
 
 # A holder process stays well under the 20,000-descriptor limit.
 PER_HOLDER = 9000
@@ -263,14 +263,17 @@ def section_rate(run: Run) -> None:
                 try:
                     time.sleep(0.3)
                     cpu0 = cpu_seconds(middle.pid) if middle else 0.0
+                    segs0 = tcp_segments_out()
                     took, argv = smtp_source(run, target, messages, sessions)
+                    segs = tcp_segments_out() - segs0
                     cpu = (cpu_seconds(middle.pid) - cpu0) if middle else None
                 finally:
                     if middle:
                         middle.stop()
                 run.command([*argv[:-1], "ADDR"])
                 results[path].append({"rate": messages / took,
-                                      "cpu_us": cpu / messages * 1e6 if cpu is not None else None})
+                                      "cpu_us": cpu / messages * 1e6 if cpu is not None else None,
+                                      "segments": segs / messages})
     finally:
         sink.stop()
     direct = median([x["rate"] for x in results["direct"]])
@@ -279,12 +282,14 @@ def section_rate(run: Run) -> None:
            f"`smtp-source -s {sessions} -m {messages:,} -l 1000` (one message per session, "
            f"{sessions} in parallel) into `smtp-sink`, directly and through each middle box; "
            "greet delay 0, no challenge. CPU per message: CPU of the middle process / messages. "
+           "TCP segments per message: segments the machine sent during the run (`OutSegs`, "
+           "/proc/net/snmp, both connections of a relayed session) / messages. "
            f"{rounds} rounds, each path once per round; medians, and \"vs HAProxy\" is the median "
            "of each round's ratio (the guard and HAProxy of the same round, seconds apart), "
            "with the lowest and highest round in brackets.",
            "",
-           "| path | messages/s | vs direct | CPU per message (µs) | vs HAProxy |",
-           "|---|---:|---:|---:|---:|"]
+           "| path | messages/s | vs direct | TCP segments per message | CPU per message (µs) | vs HAProxy |",
+           "|---|---:|---:|---:|---:|---:|"]
     for path in paths:
         rate = median([x["rate"] for x in results[path]])
         cpu = median([x["cpu_us"] for x in results[path]]) if path != "direct" else None
@@ -292,7 +297,9 @@ def section_rate(run: Run) -> None:
         per_round = round_ratios(results[path], results["haproxy"]) if cpu and run.haproxy else []
         if per_round:
             vs_hap = f"{median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
-        out.append(f"| {label(path)} | {fmt(rate)} | {ratio(rate, direct)} | {fmt(cpu, 1)} | {vs_hap} |")
+        segs = median([x["segments"] for x in results[path]])
+        out.append(f"| {label(path)} | {fmt(rate)} | {ratio(rate, direct)} | {fmt(segs, 1)} | "
+                   f"{fmt(cpu, 1)} | {vs_hap} |")
     run.rate = results
     run.sections.append("\n".join(out))
 

@@ -33,6 +33,10 @@ def test_the_benchmark_suite_runs_end_to_end(tmp_path):
     held = re.findall(r"^\| 100 \| (\S+) \| (\S+) \|", report, re.M)
     assert {name for name, _ in held} == {"mxguard", "postscreen", "haproxy"}, report
     assert all(count == "100" for _, count in held), report
+    # Segments per message, counted for every path of the rate table.
+    rate = report.split("## Connection rate")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (direct|mxguard[^|]*|HAProxy[^|]*) \| [\d,]+ \| \S+ \| ([\d.]+) \|", rate, re.M)
+    assert len(rows) == 4 and all(float(segs) > 0 for _, segs in rows), rate
     for path in ("direct", "HAProxy (`mode tcp`, `option splice-auto`)", "mxguard splice"):
         assert path in report
     assert "n/a | n/a | n/a" not in report.split("## Commands")[0].split("## Bulk")[1]
