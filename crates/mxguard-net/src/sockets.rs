@@ -83,7 +83,9 @@ pub fn read_turn_to_close(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             // Nothing more for now: readiness cleared, the bytes returned.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-            // An error after bytes is the next read's to report.
+            // An error after bytes (a reset): the bytes first. The failed
+            // read consumed the error, so the next one reads the end of the
+            // stream.
             Err(_) if total > 0 => return Ok(()),
             Err(e) => return Err(e),
         };

@@ -10,6 +10,12 @@ use std::time::Duration;
 ///
 /// It is zero until the kernel has a sample (the handshake gives the first).
 pub fn tcp_rtt(sock: &impl AsFd) -> io::Result<Duration> {
+    Ok(Duration::from_micros(u64::from(tcp_info(sock)?.tcpi_rtt)))
+}
+
+/// The kernel's whole `TCP_INFO` of a TCP socket (tests count its
+/// segments, `tcpi_segs_out`, with it).
+pub fn tcp_info(sock: &impl AsFd) -> io::Result<libc::tcp_info> {
     let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>())
         .map_err(|_| io::Error::other("tcp_info larger than socklen_t"))?;
@@ -31,6 +37,5 @@ pub fn tcp_rtt(sock: &impl AsFd) -> io::Result<Duration> {
     // SAFETY: `tcp_info` is plain integers, so the all-zero bytes we started
     // from are a valid value; an older kernel that fills fewer bytes leaves
     // the rest zero.
-    let info = unsafe { info.assume_init() };
-    Ok(Duration::from_micros(u64::from(info.tcpi_rtt)))
+    Ok(unsafe { info.assume_init() })
 }

@@ -323,22 +323,19 @@ fn a_group_does_not_join_a_port_already_listened_on() {
 
 /// Segments the kernel has sent on this socket (`tcpi_segs_out`).
 fn segs_out(sock: &impl AsFd) -> u32 {
-    use std::os::fd::AsRawFd;
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid fd; `info` and `len` describe a live buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-    // SAFETY: plain integers, zeroed to start with.
-    unsafe { info.assume_init() }.tcpi_segs_out
+    mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
+}
+
+/// Waits until the peer's FIN has reached `stream` (`CLOSE_WAIT`).
+async fn fin_arrived(stream: &TcpStream) {
+    const TCP_CLOSE_WAIT: u8 = 8;
+    for _ in 0..5000 {
+        if mxguard_net::tcp_info::tcp_info(stream).unwrap().tcpi_state == TCP_CLOSE_WAIT {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("no FIN in 5 s");
 }
 
 /// Waits until `stream` is readable (bytes or the end of the stream).
@@ -357,7 +354,7 @@ async fn a_closing_peers_fin_is_read_with_its_last_bytes() {
         .shutdown(std::net::Shutdown::Write)
         .unwrap();
     readable(&ours).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    fin_arrived(&ours).await;
     let mut buf = [0u8; 1024];
     let mut got = Vec::new();
     let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |bytes| {
@@ -374,7 +371,7 @@ async fn a_closing_peers_fin_is_read_with_its_last_bytes() {
         .shutdown(std::net::Shutdown::Write)
         .unwrap();
     readable(&ours).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    fin_arrived(&ours).await;
     let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |_| false);
     assert_eq!(read.unwrap(), (8, false));
     readable(&ours).await;

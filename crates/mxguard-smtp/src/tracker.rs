@@ -563,9 +563,10 @@ impl TurnTracker {
     }
 
     /// The MTA's last reply was one after which an SMTP server closes the
-    /// connection (`221` to `QUIT`, or a `421`): its end of stream is due.
+    /// connection (`221` to `QUIT`, or a `421`) and nothing sent since
+    /// waits for its answer: its end of stream is due.
     pub fn upstream_closing(&self) -> bool {
-        self.upstream_closing
+        self.upstream_closing && self.pending.is_empty()
     }
 
     /// A message is in flight (DATA body or BDAT chunks): cutting the
@@ -2073,6 +2074,9 @@ mod tests {
         s.client_sends(b"RCPT TO:<c@d>\r\n")
             .mta_says(b"421 4.3.2 shutting down\r\n");
         assert!(s.t.upstream_closing(), "421 to any command");
+        // A command sent after it waits for an answer: not its end yet.
+        s.client_sends(b"RSET\r\n");
+        assert!(!s.t.upstream_closing());
     }
 
     #[test]

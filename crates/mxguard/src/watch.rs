@@ -191,6 +191,9 @@ pub async fn watch(
             w.tracker.client_output(now.into_std()).is_some() || w.tracker.poll_timeout().is_some();
         if upstream_eof && !replies_owed {
             let _ = client.shutdown().await;
+            // Unread input (commands pipelined after QUIT) would turn the
+            // close into a reset, which can destroy the replies in flight.
+            discard_pending(client);
             w.record.end = if client_eof { "eof" } else { "upstream" };
             return WatchEnd::Over { quit: false };
         }
@@ -389,8 +392,8 @@ fn read_turn_into(
 
 /// Writes pending output both ways without blocking. Returns whether any
 /// byte moved; an error means a side is gone. With the MTA gone
-/// (`upstream_eof`) the last reply queued, once written, is followed at
-/// once by the client's shutdown, and its FIN may leave with it
+/// (`upstream_eof`) after its goodbye, that reply, the last queued, is
+/// followed at once by the client's shutdown, and its FIN may leave with it
 /// ([`mxguard_net::send_before_shutdown`]).
 fn flush(
     tracker: &mut TurnTracker,
@@ -402,7 +405,10 @@ fn flush(
     counters: &dyn RelayObserver,
 ) -> io::Result<bool> {
     let mut moved = false;
-    while !tracker.upstream_output().is_empty() {
+    // Nothing goes to an MTA that has closed: it answers nothing more, and
+    // a failed write (it reset) would end the session before the client
+    // got the replies the MTA did send (its 421).
+    while !upstream_eof && !tracker.upstream_output().is_empty() {
         match upstream.try_write(tracker.upstream_output()) {
             Ok(n) => {
                 tracker.upstream_written(n);
@@ -414,7 +420,9 @@ fn flush(
         }
     }
     while let Some(out) = tracker.client_output(now.into_std()) {
-        let written = if upstream_eof && tracker.replies_queued() == 1 {
+        // The MTA's goodbye, the last reply queued: the shutdown follows.
+        let last = upstream_eof && tracker.upstream_closing() && tracker.replies_queued() == 1;
+        let written = if last {
             mxguard_net::send_before_shutdown(client, out)
         } else {
             client.try_write(out)

@@ -525,3 +525,116 @@ async fn an_idle_period_after_the_last_byte_ends_the_session() {
     );
     drop(mta.join().unwrap());
 }
+
+/// Segments the kernel has sent on this socket (`tcpi_segs_out`).
+fn segs_out(sock: &Socket) -> u32 {
+    mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
+}
+
+/// What the client saw of the MTA's goodbye.
+struct Goodbye {
+    end: WatchEnd,
+    end_reason: &'static str,
+    /// Everything the client read until the end of the stream.
+    got: Vec<u8>,
+    /// Segments the guard's end of the client connection sent from the
+    /// moment the MTA had the QUIT.
+    segments: u32,
+    /// From the client's QUIT to its end of stream.
+    took: Duration,
+}
+
+/// The client says QUIT; the MTA answers 221 and closes, the reply and
+/// its FIN in one segment, so the guard reads both at once. `delay`: the
+/// guard's reply delay for QUIT (`turns.reply_delay.other`).
+async fn goodbye(delay: Option<Duration>) -> Goodbye {
+    let mut config = Config::default();
+    if let Some(delay) = delay {
+        config.turns.reply_delay.other = Dur(delay);
+    }
+    let (mut bot, mut client, peer, guard_addr) = client_side();
+    let (mut upstream, listener) = upstream_side();
+    // The guard's end of the client connection, to count its segments
+    // (a second descriptor of the same socket).
+    let guard_end = SockRef::from(&client).try_clone().unwrap();
+    let mta = std::thread::spawn(move || {
+        let (mut mta_side, _) = listener.accept().unwrap();
+        let mut line = [0u8; 64];
+        let n = mta_side.read(&mut line).unwrap();
+        assert_eq!(&line[..n], b"QUIT\r\n");
+        // The guard's ACK of the QUIT went when it arrived.
+        let before = segs_out(&guard_end);
+        // Corked: the reply waits for the shutdown's FIN.
+        SockRef::from(&mta_side).set_tcp_cork(true).unwrap();
+        mta_side.write_all(b"221 2.0.0 Bye\r\n").unwrap();
+        mta_side.shutdown(std::net::Shutdown::Write).unwrap();
+        (before, guard_end)
+    });
+    let shared = Arc::new(Shared::new(
+        config,
+        Metrics::new().unwrap(),
+        vec![guard_addr],
+        None,
+    ));
+    let runtime = shared.runtime.load_full();
+    let mut record = Record::new(shared.sessions.register(peer), peer);
+    let started = tokio::time::Instant::now();
+    bot.write_all(b"QUIT\r\n").unwrap();
+    let end = tokio::time::timeout(
+        Duration::from_secs(5),
+        watch(
+            &shared,
+            &runtime,
+            &mut client,
+            &mut upstream,
+            Vec::new(),
+            Vec::new(),
+            Action::Observe,
+            delay.is_some(),
+            &mut record,
+        ),
+    )
+    .await
+    .expect("the watch ended");
+    let (before, guard_end) = mta.join().unwrap();
+    let segments = segs_out(&guard_end) - before;
+    let mut got = Vec::new();
+    bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    bot.read_to_end(&mut got).unwrap();
+    let took = started.elapsed();
+    drop(client);
+    Goodbye {
+        end,
+        end_reason: record.end,
+        got,
+        segments,
+        took,
+    }
+}
+
+/// The MTA's goodbye and the end of the stream reach the client together,
+/// in one segment, as they left the MTA: no reply tail held back waiting
+/// for a shutdown that does not come.
+#[tokio::test]
+async fn the_mtas_goodbye_and_its_fin_reach_the_client_in_one_segment() {
+    let g = goodbye(None).await;
+    assert!(matches!(g.end, WatchEnd::Over { quit: false }));
+    assert_eq!(g.end_reason, "upstream");
+    assert_eq!(g.got, b"221 2.0.0 Bye\r\n");
+    assert_eq!(g.segments, 1, "the 221 and the FIN in one segment");
+    assert!(g.took < Duration::from_millis(150), "{:?}", g.took);
+}
+
+/// The same with the 221 held back by a reply delay: released by its
+/// timer, it still leaves with the FIN, at once.
+#[tokio::test]
+async fn a_delayed_goodbye_leaves_with_the_fin_when_it_is_due() {
+    let delay = Duration::from_millis(300);
+    let g = goodbye(Some(delay)).await;
+    assert!(matches!(g.end, WatchEnd::Over { quit: false }));
+    assert_eq!(g.end_reason, "upstream");
+    assert_eq!(g.got, b"221 2.0.0 Bye\r\n");
+    assert_eq!(g.segments, 1, "the 221 and the FIN in one segment");
+    assert!(g.took >= delay, "{:?}", g.took);
+    assert!(g.took < delay + Duration::from_millis(150), "{:?}", g.took);
+}
