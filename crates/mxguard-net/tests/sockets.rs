@@ -326,12 +326,19 @@ fn segs_out(sock: &impl AsFd) -> u32 {
     mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
 }
 
-/// Waits until the peer's FIN has reached `stream` (`CLOSE_WAIT`).
-async fn fin_arrived(stream: &TcpStream) {
+/// Our end of a connection whose peer (the MTA) wrote `last` and closed,
+/// once its FIN has reached us (`CLOSE_WAIT`).
+async fn said_and_closed(last: &[u8]) -> TcpStream {
     const TCP_CLOSE_WAIT: u8 = 8;
+    let (ours, mta) = connected_pair(addr("127.0.0.1:0")).await;
+    mta.try_write(last).unwrap();
+    SockRef::from(&mta)
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+    readable(&ours).await;
     for _ in 0..5000 {
-        if mxguard_net::tcp_info::tcp_info(stream).unwrap().tcpi_state == TCP_CLOSE_WAIT {
-            return;
+        if mxguard_net::tcp_info::tcp_info(&ours).unwrap().tcpi_state == TCP_CLOSE_WAIT {
+            return ours;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -348,13 +355,7 @@ async fn readable(stream: &TcpStream) {
 
 #[tokio::test]
 async fn a_closing_peers_fin_is_read_with_its_last_bytes() {
-    let (ours, mta) = connected_pair(addr("127.0.0.1:0")).await;
-    mta.try_write(b"221 bye\r\n").unwrap();
-    SockRef::from(&mta)
-        .shutdown(std::net::Shutdown::Write)
-        .unwrap();
-    readable(&ours).await;
-    fin_arrived(&ours).await;
+    let ours = said_and_closed(b"221 bye\r\n").await;
     let mut buf = [0u8; 1024];
     let mut got = Vec::new();
     let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |bytes| {
@@ -365,13 +366,7 @@ async fn a_closing_peers_fin_is_read_with_its_last_bytes() {
     assert_eq!(got, b"221 bye\r\n");
 
     // Not closing: one read, as read_turn, and the FIN for the next one.
-    let (ours, mta) = connected_pair(addr("127.0.0.1:0")).await;
-    mta.try_write(b"250 ok\r\n").unwrap();
-    SockRef::from(&mta)
-        .shutdown(std::net::Shutdown::Write)
-        .unwrap();
-    readable(&ours).await;
-    fin_arrived(&ours).await;
+    let ours = said_and_closed(b"250 ok\r\n").await;
     let read = mxguard_net::read_turn_to_close(&ours, &mut buf, |_| false);
     assert_eq!(read.unwrap(), (8, false));
     readable(&ours).await;

@@ -292,7 +292,6 @@ fn resume(parked: Parked) {
 mod tests {
     use super::*;
     use crate::config::{Config, Dur};
-    use crate::metrics::Metrics;
     use crate::server::Shared;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -324,12 +323,7 @@ mod tests {
         config.intercept.upstream = mta_addr;
         config.greet.delay = Dur(Duration::from_millis(delay));
         config.greet.connect_lead = Dur(Duration::from_millis(lead));
-        let shared = Arc::new(Shared::new(
-            config,
-            Metrics::new().unwrap(),
-            vec![addr],
-            None,
-        ));
+        let shared = Shared::for_test(config, addr);
         let client = TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let parked = crate::session::run(shared.clone(), stream, peer)

@@ -714,3 +714,17 @@ fn raise_nofile_limit() {
         Err(e) => tracing::warn!("cannot read the descriptor limit: {e}"),
     }
 }
+
+#[cfg(test)]
+impl Shared {
+    /// The shared state of a unit test's sessions: `config`, fresh
+    /// metrics, the guard listening on `listen`, no quarantine.
+    pub(crate) fn for_test(config: Config, listen: SocketAddr) -> Arc<Self> {
+        Arc::new(Self::new(
+            config,
+            Metrics::new().expect("metrics"),
+            vec![listen],
+            None,
+        ))
+    }
+}

@@ -1311,7 +1311,6 @@ pub async fn quit_upstream(mut stream: TcpStream) {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::metrics::Metrics;
 
     /// A client's bytes that are in its socket when the greeting is due are
     /// early talk, whatever the runtime has reported so far.
@@ -1362,12 +1361,7 @@ mod tests {
         let guard_addr = listener.local_addr().unwrap();
         let mta = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mta_addr = mta.local_addr().unwrap();
-        let shared = Arc::new(Shared::new(
-            config,
-            Metrics::new().unwrap(),
-            vec![guard_addr],
-            None,
-        ));
+        let shared = Shared::for_test(config, guard_addr);
         let runtime = shared.runtime.load_full();
         let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
         let (accepted, peer) = listener.accept().unwrap();
@@ -1448,12 +1442,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let shared = Arc::new(Shared::new(
-            Config::default(),
-            Metrics::new().unwrap(),
-            vec![addr],
-            None,
-        ));
+        let shared = Shared::for_test(Config::default(), addr);
         let session = run(shared, stream, peer);
         let size = std::mem::size_of_val(&session);
         // 1,032 bytes when the pen came (it was 2,528 with the greeting

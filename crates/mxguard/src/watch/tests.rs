@@ -125,12 +125,7 @@ fn stuck(config: Config) -> Stuck {
         mta_side
     });
     bot.write_all(b"HELP\r\n").unwrap();
-    let shared = Arc::new(Shared::new(
-        config,
-        Metrics::new().unwrap(),
-        vec![guard_addr],
-        None,
-    ));
+    let shared = Shared::for_test(config, guard_addr);
     Stuck {
         shared,
         peer,
@@ -492,12 +487,7 @@ async fn an_idle_period_after_the_last_byte_ends_the_session() {
         }
         got
     });
-    let shared = Arc::new(Shared::new(
-        config,
-        Metrics::new().unwrap(),
-        vec![guard_addr],
-        None,
-    ));
+    let shared = Shared::for_test(config, guard_addr);
     let mut record = Record::new(shared.sessions.register(peer), peer);
     let started = tokio::time::Instant::now();
     let end = tokio::time::timeout(
@@ -570,12 +560,7 @@ async fn goodbye(delay: Option<Duration>) -> Goodbye {
         mta_side.shutdown(std::net::Shutdown::Write).unwrap();
         (before, guard_end)
     });
-    let shared = Arc::new(Shared::new(
-        config,
-        Metrics::new().unwrap(),
-        vec![guard_addr],
-        None,
-    ));
+    let shared = Shared::for_test(config, guard_addr);
     let runtime = shared.runtime.load_full();
     let mut record = Record::new(shared.sessions.register(peer), peer);
     let started = tokio::time::Instant::now();
