@@ -24,6 +24,8 @@
 //! // which then leave with our own FIN in one segment
 //! pub fn read_turn_to_close(stream, buf, take: impl FnMut(&[u8]) -> bool) -> io::Result<(usize, bool)>
 //! pub fn send_before_shutdown(stream: &TcpStream, buf: &[u8]) -> io::Result<usize>
+//! pub fn forget_assumed_readable(stream: &TcpStream)
+//!     // an accepted socket is not read before the runtime reports it readable
 //! pub fn with_turn_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R
 //!     // the thread's one 16 KiB read buffer (TURN_BUFFER), for the watch and the relay
 //!
@@ -76,8 +78,8 @@ pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;
 pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
 pub use sockets::{
-    bind_listener, bind_listeners, connect_upstream, read_turn, read_turn_to_close,
-    send_before_shutdown, with_turn_buffer, TURN_BUFFER,
+    bind_listener, bind_listeners, connect_upstream, forget_assumed_readable, read_turn,
+    read_turn_to_close, send_before_shutdown, with_turn_buffer, TURN_BUFFER,
 };
 pub use steer::{Steer, SteerConfig};
 pub use tcp_info::tcp_rtt;

@@ -60,6 +60,19 @@ pub fn read_turn(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Drops the readability tokio assumes of an accepted socket. tokio marks
+/// a socket from `accept` readable before any event, so that its first read
+/// tries the socket at once — right where the client speaks first. In SMTP
+/// the server does, so that read would be an `EAGAIN` in every session. No
+/// byte is missed: registering the socket (`epoll_ctl(ADD)`) already queued
+/// an event for anything the client sent before, which the runtime reports
+/// at its next turn, and a later arrival raises its own.
+pub fn forget_assumed_readable(stream: &TcpStream) {
+    let _ = stream.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+}
+
 /// [`read_turn`] for a peer that may be about to close: `take` gets each
 /// read's bytes and says whether they end the peer's side (an SMTP server
 /// that answered `QUIT` closes next). If they do and the read was short,

@@ -422,3 +422,32 @@ async fn the_last_bytes_and_the_fin_leave_in_one_segment() {
     assert_eq!(got, b"221 bye\r\n");
     assert_eq!(segs_out(&ours) - before, 2);
 }
+
+/// An accepted socket is not taken as readable before its client sent a
+/// byte (no `EAGAIN` read in every session), yet bytes sent before the
+/// accept, or after, are reported.
+#[tokio::test]
+async fn an_accepted_socket_is_readable_only_once_its_client_wrote() {
+    use std::io::Write;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+
+    let mut quiet = std::net::TcpStream::connect(at).unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    mxguard_net::forget_assumed_readable(&accepted);
+    let waited = tokio::time::timeout(Duration::from_millis(100), accepted.readable()).await;
+    assert!(waited.is_err(), "readable with nothing sent");
+    quiet.write_all(b"EHLO late\r\n").unwrap();
+    readable(&accepted).await;
+    let mut buf = [0u8; 64];
+    assert_eq!(accepted.try_read(&mut buf).unwrap(), 11);
+
+    // Early talk queued before the accept is reported all the same.
+    let mut early = std::net::TcpStream::connect(at).unwrap();
+    early.write_all(b"EHLO early\r\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (accepted, _) = listener.accept().await.unwrap();
+    mxguard_net::forget_assumed_readable(&accepted);
+    readable(&accepted).await;
+    assert_eq!(accepted.try_read(&mut buf).unwrap(), 12);
+}

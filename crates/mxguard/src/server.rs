@@ -581,7 +581,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                // TCP_NODELAY: inherited from the listener.
+                // TCP_NODELAY: inherited from the listener. The server
+                // speaks first: no read before the client is reported.
+                mxguard_net::forget_assumed_readable(&stream);
                 shared.metrics.connections_accepted.inc();
                 shared.session_started();
                 let shared = shared.clone();
