@@ -45,19 +45,7 @@ pub fn with_turn_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// readiness, so the next poll is ready at once and its read returns the
 /// end of the stream.
 pub fn read_turn(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut short = None;
-    let read = stream.try_io(Interest::READABLE, || {
-        let n = (&*SockRef::from(stream)).read(buf)?;
-        if n > 0 && n < buf.len() {
-            short = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (read, short) {
-        (Err(_), Some(n)) => Ok(n),
-        (read, _) => read,
-    }
+    read_turn_to_close(stream, buf, |_| false).map(|(n, _)| n)
 }
 
 /// Drops the readability tokio assumes of an accepted socket. tokio marks
@@ -82,7 +70,12 @@ pub fn forget_assumed_readable(stream: &TcpStream) {
 /// instead of waiting for another wake-up. Where the FIN is not there yet
 /// that read is the `EAGAIN` that clears the readiness, one system call
 /// more than [`read_turn`]; `take` saying `false` makes it exactly
-/// [`read_turn`].
+/// [`read_turn`] (which is this, so the short-read rule lives here once).
+///
+/// Each read appends to what the ones before left in `buf`: all the bytes
+/// returned are in `buf[..bytes]`, and `take` sees each read's share of
+/// them once. A read that fills what is left of `buf` leaves the readiness
+/// set: more may be waiting.
 pub fn read_turn_to_close(
     stream: &TcpStream,
     buf: &mut [u8],
@@ -91,7 +84,8 @@ pub fn read_turn_to_close(
     let mut total = 0;
     let mut eof = false;
     let read = stream.try_io(Interest::READABLE, || loop {
-        let n = match (&*SockRef::from(stream)).read(buf) {
+        let room = &mut buf[total..];
+        let n = match (&*SockRef::from(stream)).read(room) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             // Nothing more for now: readiness cleared, the bytes returned.
@@ -103,12 +97,14 @@ pub fn read_turn_to_close(
             Err(e) => return Err(e),
         };
         if n == 0 {
-            eof = true;
+            // The end of the stream, or no room left (an empty `buf`).
+            eof = !room.is_empty();
             return Ok(());
         }
+        let full = n == room.len();
+        let closing = take(&room[..n]);
         total += n;
-        let closing = take(&buf[..n]);
-        if n == buf.len() {
+        if full {
             // More may be waiting: the readiness stays.
             return Ok(());
         }

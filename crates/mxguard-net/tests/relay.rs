@@ -10,6 +10,7 @@ use std::io;
 use std::time::Duration;
 
 use mxguard_net::{relay, RelayError, RelayMode, RelayStats};
+use socket2::SockRef;
 use support::{finished, pattern, peers, reset, send_and_receive, start_relay};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
@@ -47,6 +48,8 @@ in_both_modes!(
     mta_reset_ends_the_relay,
     silence_ends_the_relay_after_the_idle_timeout,
     a_trickle_one_way_is_not_idle,
+    the_mtas_goodbye_and_its_fin_reach_the_client_in_one_segment,
+    a_goodbye_without_its_fin_is_relayed_at_once,
 );
 
 async fn carries_twelve_mib_each_way_intact(mode: RelayMode) {
@@ -360,4 +363,74 @@ async fn the_turn_after_a_burst_is_copied() {
         .await
         .expect("the relay stalled");
     finished(relayed).await.unwrap();
+}
+
+/// Segments the kernel has sent on this socket (`tcpi_segs_out`).
+fn segs_out(sock: &socket2::Socket) -> u32 {
+    mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
+}
+
+/// The client says QUIT; the MTA answers 221 and closes, reply and FIN in
+/// one segment (corked). The relay reads both at once and passes them on
+/// the same way: one segment from the proxy to the client, not the reply
+/// and then, a wake-up later, the FIN.
+async fn the_mtas_goodbye_and_its_fin_reach_the_client_in_one_segment(mode: RelayMode) {
+    let peers = peers().await;
+    // A second descriptor of the proxy's client socket, to count its segments.
+    let proxy_end = SockRef::from(&peers.proxy_client).try_clone().unwrap();
+    let (mut client, mut mta, _observer, relayed) = start_relay(peers, mode, LONG_IDLE);
+
+    client.write_all(b"QUIT\r\n").await.unwrap();
+    let mut quit = [0u8; 6];
+    mta.read_exact(&mut quit).await.unwrap();
+    assert_eq!(&quit, b"QUIT\r\n");
+    // The proxy's ACK of the QUIT went when it arrived.
+    let before = segs_out(&proxy_end);
+    SockRef::from(&mta).set_tcp_cork(true).unwrap();
+    mta.write_all(b"221 2.0.0 Bye\r\n").await.unwrap();
+    mta.shutdown().await.unwrap();
+
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+        .await
+        .expect("the client got the end of the stream")
+        .unwrap();
+    assert_eq!(got, b"221 2.0.0 Bye\r\n");
+    assert_eq!(
+        segs_out(&proxy_end) - before,
+        1,
+        "the 221 and the FIN in one segment"
+    );
+    drop(client);
+    let stats = finished(relayed).await.unwrap();
+    assert_eq!(stats, RelayStats { up: 6, down: 15 });
+}
+
+/// A goodbye whose FIN is not there yet is not held for it: the client
+/// gets the 221 at once, and the end of the stream when the MTA closes.
+async fn a_goodbye_without_its_fin_is_relayed_at_once(mode: RelayMode) {
+    let (mut client, mut mta, _observer, relayed) = start_relay(peers().await, mode, LONG_IDLE);
+    client.write_all(b"QUIT\r\n").await.unwrap();
+    let mut quit = [0u8; 6];
+    mta.read_exact(&mut quit).await.unwrap();
+    mta.write_all(b"221 2.0.0 Bye\r\n").await.unwrap();
+
+    let mut reply = [0u8; 15];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
+        .await
+        .expect("the 221 came without the FIN")
+        .unwrap();
+    assert_eq!(&reply, b"221 2.0.0 Bye\r\n");
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(mta);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("the end of the stream followed")
+        .unwrap();
+    assert!(rest.is_empty());
+    drop(client);
+    let stats = finished(relayed).await.unwrap();
+    assert_eq!(stats, RelayStats { up: 6, down: 15 });
 }

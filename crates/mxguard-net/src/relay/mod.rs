@@ -7,7 +7,10 @@
 //! - Half-close: EOF from one side is passed on as `shutdown(Write)` to the
 //!   other, after every byte read before it has been written; the other
 //!   direction keeps going until its own EOF. The relay returns
-//!   `Ok(stats)` when both directions have ended this way.
+//!   `Ok(stats)` when both directions have ended this way. When the MTA's
+//!   bytes end in its goodbye (a final `221` or `421` line), its FIN is
+//!   looked for at once, and the bytes and the client's FIN leave in one
+//!   segment (`pump::says_goodbye`).
 //! - A reset or any other error on either socket ends the relay at once
 //!   with a [`RelayError`] naming the side it came from.
 //! - Idle timeout: no byte in either direction for `idle` ends the relay

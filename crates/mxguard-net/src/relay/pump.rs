@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use super::pipe::Pipe;
 use super::{Direction, RelayMode, RelayObserver};
-use crate::sockets::{read_turn, with_turn_buffer, TURN_BUFFER};
+use crate::sockets::{read_turn_to_close, send_before_shutdown, with_turn_buffer, TURN_BUFFER};
 
 /// A direction that has spliced this much (a default pipe's worth), and
 /// still fills half its pipe per read, is a bulk transfer, and its pipe
@@ -94,8 +94,9 @@ enum Side {
 enum Filled {
     /// The end of the stream.
     Eof,
-    /// `n` bytes read, of which `written` are already written to `dst`.
-    Moved { n: usize, written: usize },
+    /// `n` bytes read, of which `written` are already written to `dst`;
+    /// `eof`: the end of the stream came with them.
+    Moved { n: usize, written: usize, eof: bool },
 }
 
 impl Holding {
@@ -180,11 +181,22 @@ impl Holding {
     /// `dst` at once as far as it takes it; the rest is spilled, to be
     /// written when `dst` is writable. With nothing held. An error says
     /// which side it came from.
-    fn copy(&mut self, src: &TcpStream, dst: &TcpStream) -> Result<Filled, (Side, io::Error)> {
+    ///
+    /// `goodbyes`: `src` is the MTA. When a read ends in its goodbye (see
+    /// [`says_goodbye`]), one more read looks for its FIN; found, the bytes
+    /// go with `MSG_MORE` and the caller's shutdown of `dst` follows at
+    /// once, so the client gets the reply and the end of the stream in
+    /// one segment, as the MTA sent them, not two.
+    fn copy(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        goodbyes: bool,
+    ) -> Result<Filled, (Side, io::Error)> {
         debug_assert_eq!(self.held(), 0);
         // The bytes are in it only during this call: what a short write
         // leaves is copied out.
-        with_turn_buffer(|buf| self.copy_via(src, dst, buf))
+        with_turn_buffer(|buf| self.copy_via(src, dst, buf, goodbyes))
     }
 
     fn copy_via(
@@ -192,18 +204,25 @@ impl Holding {
         src: &TcpStream,
         dst: &TcpStream,
         buf: &mut [u8],
+        goodbyes: bool,
     ) -> Result<Filled, (Side, io::Error)> {
         // A short read clears the socket's readiness (see `read_turn`).
-        let n = read_turn(src, buf).map_err(|e| (Side::Src, e))?;
+        let (n, eof) = read_turn_to_close(src, buf, |bytes| goodbyes && says_goodbye(bytes))
+            .map_err(|e| (Side::Src, e))?;
         if n == 0 {
             return Ok(Filled::Eof);
         }
         self.bulk = n == buf.len();
         // Written at once if `dst` was writable when last seen (tokio's
         // readiness: no system call if it was not).
-        let written = match dst.try_io(Interest::WRITABLE, || {
-            Ok(send(dst.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL)?)
-        }) {
+        let sent = if eof {
+            send_before_shutdown(dst, &buf[..n])
+        } else {
+            dst.try_io(Interest::WRITABLE, || {
+                Ok(send(dst.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL)?)
+            })
+        };
+        let written = match sent {
             Ok(m) => m,
             Err(e) if is_retry(&e) => 0,
             Err(e) => return Err((Side::Dst, e)),
@@ -212,7 +231,7 @@ impl Holding {
             self.spill.extend_from_slice(&buf[written..n]);
             self.sent = 0;
         }
-        Ok(Filled::Moved { n, written })
+        Ok(Filled::Moved { n, written, eof })
     }
 
     /// One write of held bytes to `dst`, and how they went (copied from
@@ -248,6 +267,24 @@ impl Holding {
         self.piped -= n;
         Ok((n, RelayMode::Splice))
     }
+}
+
+/// Whether `bytes` end with the MTA's last words: a final reply line
+/// (`221` or `421` and a space, or the bare code) ending in CRLF. RFC 5321
+/// (4.2.2, 3.8): a server sends 221 only to close the channel (the answer
+/// to QUIT), and closes after a 421. The relay does not parse the session
+/// (after STARTTLS it is not even text), so this looks at one read's
+/// bytes only; a wrong guess costs one `EAGAIN` read, and a missed one the
+/// FIN in its own segment: the bytes go through either way.
+pub(super) fn says_goodbye(bytes: &[u8]) -> bool {
+    let Some(body) = bytes.strip_suffix(b"\r\n") else {
+        return false;
+    };
+    let line = match body.iter().rposition(|&b| b == b'\n') {
+        Some(i) => &body[i + 1..],
+        None => body,
+    };
+    matches!(line.get(..3), Some(b"221" | b"421")) && matches!(line.get(3), None | Some(b' '))
 }
 
 fn not_acquired() -> io::Error {
@@ -397,11 +434,15 @@ impl<'a> Pump<'a> {
                 }
                 continue;
             }
-            match self.holding.copy(self.src, self.dst) {
+            let goodbyes = self.dir == Direction::Downstream;
+            match self.holding.copy(self.src, self.dst, goodbyes) {
                 Ok(Filled::Eof) => self.src_eof = true,
-                Ok(Filled::Moved { n, written }) => {
+                Ok(Filled::Moved { n, written, eof }) => {
                     self.taken += n as u64;
                     self.active = true;
+                    // The shutdown follows in the next round, with nothing
+                    // held, right after this write.
+                    self.src_eof = eof;
                     if written > 0 {
                         self.delivered_now(written, RelayMode::Copy, observer);
                     }
@@ -428,4 +469,39 @@ fn is_retry(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::says_goodbye;
+
+    #[test]
+    fn a_final_221_or_421_line_is_a_goodbye() {
+        for bytes in [
+            &b"221 2.0.0 Bye\r\n"[..],
+            b"221\r\n",
+            b"421 4.4.2 mx.example Error: timeout exceeded\r\n",
+            b"250 2.0.0 Ok: queued as 1234\r\n221 2.0.0 Bye\r\n",
+            b"221-mx.example\r\n221 2.0.0 Bye\r\n",
+        ] {
+            assert!(says_goodbye(bytes), "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn anything_else_is_not() {
+        for bytes in [
+            &b""[..],
+            b"250 2.0.0 Ok\r\n",
+            // Not yet the final line, or not a whole line.
+            b"221-mx.example\r\n",
+            b"221 2.0.0 Bye",
+            b"221 2.0.0 Bye\n",
+            b"2210 x\r\n",
+            b"221 2.0.0 Bye\r\n250 ok\r\n",
+            b"\r\n",
+        ] {
+            assert!(!says_goodbye(bytes), "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
 }
