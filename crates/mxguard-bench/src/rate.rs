@@ -4,7 +4,9 @@
 //! start, not from when a thread got to it: a server that falls behind
 //! shows its queueing in the figures (no coordinated omission).
 //!
-//! Prints one JSON line: sessions done and failed, the rate achieved, and
+//! Prints one JSON line: sessions done and failed, the rate achieved (of
+//! session starts: a run's last sessions end a greet delay after their
+//! start, which is not a slower rate), and
 //! p50/p90/p99/max in milliseconds of the time to the greeting's final line
 //! and to the end of the session. With `MXBENCH_SLOWEST=1` in the
 //! environment, the 30 slowest sessions go to stderr with the instant they
@@ -53,12 +55,18 @@ pub fn main(args: &Args) -> Result<(), String> {
                 if due > now {
                     std::thread::sleep(due - now);
                 }
+                let began = start.elapsed();
                 let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
                 match session(target, source, due) {
                     Ok((greeted, done)) => samples
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .push((greeted, done, (due - start).as_secs_f64() * 1e3)),
+                        .push(Sample {
+                            greeted,
+                            done,
+                            due: (due - start).as_secs_f64() * 1e3,
+                            began,
+                        }),
                     Err(e) => {
                         if failed.fetch_add(1, Ordering::Relaxed) == 0 {
                             eprintln!("mxbench rate: session {i}: {e}");
@@ -71,22 +79,25 @@ pub fn main(args: &Args) -> Result<(), String> {
     for w in workers {
         let _ = w.join();
     }
-    let took = start.elapsed().as_secs_f64();
     let samples = samples.lock().unwrap_or_else(PoisonError::into_inner);
+    // Starts per second: from the first due instant to the last start,
+    // plus the interval that start was given.
+    let last_start = samples.iter().map(|s| s.began).max().unwrap_or_default();
+    let took = (last_start + interval).as_secs_f64();
     if std::env::var_os("MXBENCH_SLOWEST").is_some() {
         // Which sessions were slow, by when they were due (ms from start):
         // stalls that recur at an interval point at a periodic task.
-        let mut slow: Vec<&(f64, f64, f64)> = samples.iter().collect();
-        slow.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut slow: Vec<&Sample> = samples.iter().collect();
+        slow.sort_by(|a, b| b.done.total_cmp(&a.done));
         for s in slow.iter().take(30) {
             eprintln!(
                 "due {:9.3} ms: greeting {:7.3} ms, session {:7.3} ms",
-                s.2, s.0, s.1
+                s.due, s.greeted, s.done
             );
         }
     }
-    let mut greet: Vec<f64> = samples.iter().map(|s| s.0).collect();
-    let mut done: Vec<f64> = samples.iter().map(|s| s.1).collect();
+    let mut greet: Vec<f64> = samples.iter().map(|s| s.greeted).collect();
+    let mut done: Vec<f64> = samples.iter().map(|s| s.done).collect();
     greet.sort_by(f64::total_cmp);
     done.sort_by(f64::total_cmp);
     let pct = |v: &[f64]| {
@@ -107,6 +118,18 @@ pub fn main(args: &Args) -> Result<(), String> {
         pct(&done)
     );
     std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// One session's timings.
+struct Sample {
+    /// Milliseconds from the instant it was due to its greeting, and to
+    /// its end.
+    greeted: f64,
+    done: f64,
+    /// When it was due, in milliseconds from the run's start.
+    due: f64,
+    /// When a thread began it, from the run's start.
+    began: Duration,
 }
 
 /// One transaction; returns (greeting, end) in milliseconds after `due`.
