@@ -9,8 +9,8 @@
 //! start, which is not a slower rate), and
 //! p50/p90/p99/max in milliseconds of the time to the greeting's final line
 //! and to the end of the session. With `MXBENCH_SLOWEST=1` in the
-//! environment, the 30 slowest sessions go to stderr with the instant they
-//! were due: a burst of them at one instant is a stall, of the server or of
+//! environment, the 30 slowest sessions go to stderr (`=N`: the N slowest)
+//! with the instant they were due: a burst of them at one instant is a stall, of the server or of
 //! the machine.
 
 use std::io::Write;
@@ -84,12 +84,18 @@ pub fn main(args: &Args) -> Result<(), String> {
     // plus the interval that start was given.
     let last_start = samples.iter().map(|s| s.began).max().unwrap_or_default();
     let took = (last_start + interval).as_secs_f64();
-    if std::env::var_os("MXBENCH_SLOWEST").is_some() {
+    if let Some(count) = std::env::var_os("MXBENCH_SLOWEST") {
+        // How many: the number given, or 30.
+        let count = count
+            .to_str()
+            .and_then(|c| c.parse().ok())
+            .filter(|&c| c > 1)
+            .unwrap_or(30);
         // Which sessions were slow, by when they were due (ms from start):
         // stalls that recur at an interval point at a periodic task.
         let mut slow: Vec<&Sample> = samples.iter().collect();
         slow.sort_by(|a, b| b.done.total_cmp(&a.done));
-        for s in slow.iter().take(30) {
+        for s in slow.iter().take(count) {
             eprintln!(
                 "due {:9.3} ms: greeting {:7.3} ms, session {:7.3} ms",
                 s.due, s.greeted, s.done
