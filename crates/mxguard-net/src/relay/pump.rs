@@ -475,33 +475,33 @@ fn is_retry(e: &io::Error) -> bool {
 mod tests {
     use super::says_goodbye;
 
+    /// A final 221 or 421 line ending the bytes is a goodbye; anything
+    /// else is not.
     #[test]
-    fn a_final_221_or_421_line_is_a_goodbye() {
-        for bytes in [
-            &b"221 2.0.0 Bye\r\n"[..],
-            b"221\r\n",
-            b"421 4.4.2 mx.example Error: timeout exceeded\r\n",
-            b"250 2.0.0 Ok: queued as 1234\r\n221 2.0.0 Bye\r\n",
-            b"221-mx.example\r\n221 2.0.0 Bye\r\n",
-        ] {
-            assert!(says_goodbye(bytes), "{:?}", String::from_utf8_lossy(bytes));
-        }
-    }
-
-    #[test]
-    fn anything_else_is_not() {
-        for bytes in [
-            &b""[..],
-            b"250 2.0.0 Ok\r\n",
+    fn only_a_final_221_or_421_line_is_a_goodbye() {
+        let cases: [(&[u8], bool); 13] = [
+            (b"221 2.0.0 Bye\r\n", true),
+            (b"221\r\n", true),
+            (b"421 4.4.2 mx.example Error: timeout exceeded\r\n", true),
+            (b"250 2.0.0 Ok: queued as 1234\r\n221 2.0.0 Bye\r\n", true),
+            (b"221-mx.example\r\n221 2.0.0 Bye\r\n", true),
+            (b"", false),
+            (b"250 2.0.0 Ok\r\n", false),
             // Not yet the final line, or not a whole line.
-            b"221-mx.example\r\n",
-            b"221 2.0.0 Bye",
-            b"221 2.0.0 Bye\n",
-            b"2210 x\r\n",
-            b"221 2.0.0 Bye\r\n250 ok\r\n",
-            b"\r\n",
-        ] {
-            assert!(!says_goodbye(bytes), "{:?}", String::from_utf8_lossy(bytes));
+            (b"221-mx.example\r\n", false),
+            (b"221 2.0.0 Bye", false),
+            (b"221 2.0.0 Bye\n", false),
+            (b"2210 x\r\n", false),
+            (b"221 2.0.0 Bye\r\n250 ok\r\n", false),
+            (b"\r\n", false),
+        ];
+        for (bytes, goodbye) in cases {
+            assert_eq!(
+                says_goodbye(bytes),
+                goodbye,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 }
