@@ -1257,17 +1257,20 @@ pub async fn write_reply(client: &mut TcpStream, reply: &[u8]) -> u64 {
     }
 }
 
-/// Reads and forgets what the client already sent, so that closing does
-/// not turn into a reset that could destroy our last reply in flight
-/// (a socket closed with unread data sends RST, not FIN).
+/// Reads and forgets what the client already sent (up to 64 KiB), so that
+/// closing does not turn into a reset that could destroy our last reply in
+/// flight (a socket closed with unread data sends RST, not FIN). Into the
+/// thread's read buffer: a fresh 4 KiB one, zeroed in every session, was
+/// 7 % of a clean session's user-space instructions (callgrind).
 pub fn discard_pending(client: &TcpStream) {
-    let mut sink = [0u8; 4096];
-    for _ in 0..16 {
-        match client.try_read(&mut sink) {
-            Ok(n) if n > 0 => continue,
-            _ => break,
+    mxguard_net::with_turn_buffer(|sink| {
+        for _ in 0..(64 * 1024) / mxguard_net::TURN_BUFFER {
+            match client.try_read(sink) {
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            }
         }
-    }
+    })
 }
 
 /// Waits (up to `QUIT_TIMEOUT`) for the rest of the upstream's banner,
@@ -1347,6 +1350,42 @@ mod tests {
             last_look(&client, &mut watch, None),
             ClientRead::Closed
         ));
+    }
+
+    /// Our last reply, then the close: with the client's unread input
+    /// (40 KB: more than one read of the thread's buffer) discarded first,
+    /// the client reads the reply and the end of the stream; closed with
+    /// it unread, the kernel resets the connection instead.
+    #[tokio::test]
+    async fn discarded_input_makes_the_close_an_end_of_stream_not_a_reset() {
+        use std::io::{Read, Write};
+        async fn close_with_unread_input(discard: bool) -> (Vec<u8>, io::Result<usize>) {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut bot = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            accepted.set_nonblocking(true).unwrap();
+            let client = TcpStream::from_std(accepted).unwrap();
+            bot.write_all(&[b'x'; 40_000]).unwrap();
+            // Known to the runtime, as a session's own reads leave it.
+            client.readable().await.unwrap();
+            client.try_write(b"554 5.7.1 go away\r\n").unwrap();
+            if discard {
+                discard_pending(&client);
+            }
+            drop(client);
+            bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            let end = bot.read_to_end(&mut got);
+            (got, end)
+        }
+        let (got, end) = close_with_unread_input(true).await;
+        assert_eq!(got, b"554 5.7.1 go away\r\n");
+        assert!(end.is_ok(), "{end:?}");
+        let (_, end) = close_with_unread_input(false).await;
+        assert_eq!(
+            end.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::ConnectionReset)
+        );
     }
 
     /// One greeting whose end races the client's EHLO: the bot speaks, the
