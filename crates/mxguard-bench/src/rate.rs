@@ -10,8 +10,8 @@
 //! p50/p90/p99/max in milliseconds of the time to the greeting's final line
 //! and to the end of the session. With `MXBENCH_SLOWEST=1` in the
 //! environment, the 30 slowest sessions go to stderr (`=N`: the N slowest)
-//! with the instant they were due: a burst of them at one instant is a stall, of the server or of
-//! the machine.
+//! with the instant they were due: a burst of them at one instant is a
+//! stall, of the server or of the machine.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mxguard_net::{relay, RelayError, RelayMode, RelayStats};
 use socket2::SockRef;
-use support::{finished, pattern, peers, reset, send_and_receive, start_relay};
+use support::{finished, pattern, peers, reset, segs_out, send_and_receive, start_relay};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
@@ -363,11 +363,6 @@ async fn the_turn_after_a_burst_is_copied() {
         .await
         .expect("the relay stalled");
     finished(relayed).await.unwrap();
-}
-
-/// Segments the kernel has sent on this socket (`tcpi_segs_out`).
-fn segs_out(sock: &socket2::Socket) -> u32 {
-    mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
 }
 
 /// The client says QUIT; the MTA answers 221 and closes, reply and FIN in

@@ -17,7 +17,7 @@ use std::time::Duration;
 use mxguard_net::{bind_listener, bind_listeners, connect_upstream, original_dst, tcp_rtt};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use socket2::{Domain, SockRef, Socket, Type};
-use support::connected_pair;
+use support::{connected_pair, segs_out};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -319,11 +319,6 @@ fn a_group_does_not_join_a_port_already_listened_on() {
     // Once the first is gone the port can be listened on again.
     drop(first);
     bind_listeners(SocketAddr::from(([127, 0, 0, 1], port)), false, 128, 2).unwrap();
-}
-
-/// Segments the kernel has sent on this socket (`tcpi_segs_out`).
-fn segs_out(sock: &impl AsFd) -> u32 {
-    mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
 }
 
 /// Our end of a connection whose peer (the MTA) wrote `last` and closed,

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,4 +150,9 @@ pub fn reset(stream: TcpStream) {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(stream);
+}
+
+/// Segments the kernel has sent on this socket (`tcpi_segs_out`).
+pub fn segs_out(sock: &impl AsFd) -> u32 {
+    mxguard_net::tcp_info::tcp_info(sock).unwrap().tcpi_segs_out
 }
