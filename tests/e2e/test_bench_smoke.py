@@ -37,6 +37,13 @@ def test_the_benchmark_suite_runs_end_to_end(tmp_path):
     rate = report.split("## Connection rate")[1].split("\n## ")[0]
     rows = re.findall(r"^\| (direct|mxguard[^|]*|HAProxy[^|]*) \| [\d,]+ \| \S+ \| ([\d.]+) \|", rate, re.M)
     assert len(rows) == 4 and all(float(segs) > 0 for _, segs in rows), rate
+    # Every latency path ran all its sessions; the delayed one is measured
+    # against the direct client that waits as long.
+    latency = report.split("## Added latency")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (direct[^|]*|mxguard[^|]*|HAProxy[^|]*) \| ([\d,]+) \| 0 \|", latency, re.M)
+    assert {path for path, _ in rows} >= {
+        "direct", "direct, the client waiting 100 ms before the greeting", "mxguard, greet delay 100 ms"}, latency
+    assert "against a direct client that waits as long" in report
     for path in ("direct", "HAProxy (`mode tcp`, `option splice-auto`)", "mxguard splice"):
         assert path in report
     assert "n/a | n/a | n/a" not in report.split("## Commands")[0].split("## Bulk")[1]

@@ -4,6 +4,10 @@
 //! start, not from when a thread got to it: a server that falls behind
 //! shows its queueing in the figures (no coordinated omission).
 //!
+//! `--wait MS`: each client waits that long after connecting before it
+//! reads the greeting, as it waits out a guard's greet delay (a direct
+//! run's baseline for the delayed one).
+//!
 //! Prints one JSON line: sessions done and failed, the rate achieved (of
 //! session starts: a run's last sessions end a greet delay after their
 //! start, which is not a slower rate), and
@@ -29,6 +33,10 @@ pub fn main(args: &Args) -> Result<(), String> {
     let rate: f64 = args.required("rate")?;
     let seconds: f64 = args.get("seconds", 5.0)?;
     let threads: usize = args.get("threads", 64)?;
+    // The client waits this long after connecting before it reads the
+    // greeting, as it waits out a greet delay: a direct run's baseline for
+    // what that wait costs the client itself.
+    let wait = Duration::from_millis(args.get("wait", 0u64)?);
     let sources = Arc::new(sources(args.opt_str("sources"))?);
     let total = (rate * seconds).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -57,7 +65,7 @@ pub fn main(args: &Args) -> Result<(), String> {
                 }
                 let began = start.elapsed();
                 let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
-                match session(target, source, due) {
+                match session(target, source, due, wait) {
                     Ok((greeted, done)) => samples
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -143,8 +151,12 @@ fn session(
     target: SocketAddr,
     source: Option<IpAddr>,
     due: Instant,
+    wait: Duration,
 ) -> std::io::Result<(f64, f64)> {
     let mut client = Client::new(connect(target, source)?);
+    if !wait.is_zero() {
+        std::thread::sleep(wait);
+    }
     client.expect(220)?;
     let greeted = due.elapsed().as_secs_f64() * 1e3;
     client.command(b"EHLO bench.example\r\n", 250)?;
