@@ -351,9 +351,10 @@ def section_latency(run: Run) -> None:
     delay_ms = 100
     rounds = run.runs if run.smoke else max(run.runs, LATENCY_MIN_RUNS)
     # direct-wait: the client waits the delay before it reads the greeting,
-    # with nothing in between. A thread that slept 100 ms is slower for the
-    # rest of its session (cold caches, another CPU): the client's own cost
-    # of a greet delay, which the delayed row is measured against.
+    # with nothing in between. A client thread that slept 100 ms is slower
+    # for the rest of its session (measured, bench/analysis.md; most likely
+    # cold caches): the client's own cost of a greet delay, which the
+    # delayed row is measured against.
     paths = (["direct", "direct-wait", "mxguard", "mxguard-delay"]
              + (["haproxy"] if run.haproxy else []))
     results: dict = {p: [] for p in paths}
