@@ -14,7 +14,6 @@ const READ: usize = 256 * 1024;
 
 pub fn main(args: &Args) -> Result<(), String> {
     let listen = args.addr("listen")?;
-    let delay = std::time::Duration::from_millis(args.get("greet-delay", 0u64)?);
     let listener = TcpListener::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
     println!(
         "{{\"listening\":\"{}\"}}",
@@ -24,9 +23,6 @@ pub fn main(args: &Args) -> Result<(), String> {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         std::thread::spawn(move || {
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
             let _ = serve(stream);
         });
     }
