@@ -36,7 +36,15 @@ pub enum Verb {
 
 impl Verb {
     /// Reads the verb at the start of a command line (case-insensitive).
+    /// Blanks before it are skipped, as Postfix's and Exim's parsers skip
+    /// them: the guard must read the command the MTA will act on (a
+    /// `" MAIL"` read as unknown went past the sender checks).
     pub fn parse(line: &[u8]) -> Verb {
+        let blanks = line
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t'))
+            .unwrap_or(line.len());
+        let line = &line[blanks..];
         let end = line
             .iter()
             .position(|b| matches!(b, b' ' | b'\r' | b'\n' | b'\t'))
@@ -214,6 +222,10 @@ mod tests {
         assert_eq!(Verb::parse(b"DATAX\r\n"), Verb::Unknown);
         assert_eq!(Verb::parse(b"\r\n"), Verb::Unknown);
         assert_eq!(Verb::parse(b"GET / HTTP/1.1\r\n"), Verb::Unknown);
+        // Blanks before the verb are skipped, as MTAs skip them.
+        assert_eq!(Verb::parse(b" \tMAIL FROM:<a@b>\r\n"), Verb::Mail);
+        assert_eq!(Verb::parse(b"  DATA\r\n"), Verb::Data);
+        assert_eq!(Verb::parse(b"   \r\n"), Verb::Unknown);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct Offered {
     pub pipelining: bool,
     pub starttls: bool,
     pub chunking: bool,
+    /// The MTA offered CHUNKING, shown to the client or not: whether it
+    /// takes a BDAT's chunk as a chunk.
+    pub upstream_chunking: bool,
 }
 
 /// Always hidden: early pipelining looks exactly like a pregreet.
@@ -50,6 +53,7 @@ pub fn edit_ehlo_reply(raw: &[u8], edit: EhloEdit) -> (Vec<u8>, Offered) {
             continue;
         }
         let keyword = keyword(line);
+        offered.upstream_chunking |= keyword.eq_ignore_ascii_case("CHUNKING");
         let hide = ALWAYS_HIDDEN
             .iter()
             .any(|k| keyword.eq_ignore_ascii_case(k))
@@ -97,6 +101,7 @@ mod tests {
         let (out, offered) = edit_ehlo_reply(POSTFIX, EhloEdit::default());
         assert_eq!(out, POSTFIX);
         assert!(offered.pipelining && offered.starttls && offered.chunking);
+        assert!(offered.upstream_chunking);
     }
 
     #[test]
@@ -111,7 +116,14 @@ mod tests {
             out,
             b"250-mx.example\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n"
         );
-        assert_eq!(offered, Offered::default());
+        assert_eq!(
+            offered,
+            Offered {
+                upstream_chunking: true,
+                ..Offered::default()
+            },
+            "hidden from the client, still the MTA's"
+        );
     }
 
     #[test]

@@ -36,6 +36,26 @@ use crate::reply::{ReplyError, ReplyReader};
 /// Our answer to DATA or RCPT while a diverted BDAT message is open.
 pub const BDAT_BUSY: &[u8] = b"503 5.5.1 Error: BDAT transaction in progress\r\n";
 
+/// Our answer to BDAT when the MTA did not offer CHUNKING: what such an
+/// MTA says. Forwarded, the BDAT would be refused there and its chunk
+/// taken as commands by the MTA while the guard counted it as data,
+/// unread; kept here, the bytes after it are commands to both. (When only
+/// the client was not shown CHUNKING, hidden from a suspect session, the
+/// MTA takes the chunk as a chunk, and so does the guard: it is tagged or
+/// diverted like any message.)
+pub const BDAT_NOT_OFFERED: &[u8] = b"502 5.5.1 Error: command not implemented\r\n";
+/// Our answer to a BDAT chunk whose size, with the tag header added, has
+/// no number (over 2^64 octets).
+pub const BDAT_TOO_BIG: &[u8] = b"552 5.3.4 Error: message too big\r\n";
+
+/// Replies owed to the client (sent to the MTA and not yet answered, or
+/// answered and not yet read by the client) past which the client is not
+/// read: a client that pipelines without reading its replies would
+/// otherwise queue them here without end (RFC 2920 §3.1 leaves such a
+/// client to block on its own writes). Only back-pressure: reading goes
+/// on as the client takes its replies.
+const MAX_OWED: usize = 256;
+
 /// A command line buffer up to this size is kept for the next command.
 const LINE_KEEP: usize = 1024;
 /// The first allocation of the bytes owed to the MTA.
@@ -615,6 +635,7 @@ impl TurnTracker {
         !matches!(self.client, ClientState::Blind | ClientState::Stopped)
             && self.held.len() < self.cfg.max_held
             && self.upstream_output().len() < self.cfg.max_held * 4
+            && self.pending.len() + self.out_client.len() < MAX_OWED
     }
 
     #[must_use]
@@ -963,7 +984,7 @@ impl TurnTracker {
         let mut arg = None;
         match verb {
             Verb::Ehlo | Verb::Helo | Verb::Lhlo => {
-                let name = line.get(5..).unwrap_or_default();
+                let name = line.trim_ascii_start().get(5..).unwrap_or_default();
                 arg = Some(String::from_utf8_lossy(name).trim().to_string());
                 if !self.in_bdat {
                     self.tagged = false;
@@ -1068,6 +1089,10 @@ impl TurnTracker {
     /// `BDAT n [LAST]`: forwarded (with the tag header added to the first
     /// chunk when tagging), or diverted.
     fn bdat(&mut self, now: Instant, line: Vec<u8>) {
+        if !self.offered.upstream_chunking {
+            self.local_reply(now, BDAT_NOT_OFFERED.to_vec(), Turn::Command(Verb::Bdat));
+            return;
+        }
         let Some((size, last)) = parse_bdat(&line) else {
             // Malformed: the MTA answers it; nothing follows it.
             self.to_upstream.extend_from_slice(&line);
@@ -1114,20 +1139,31 @@ impl TurnTracker {
             return;
         }
         let first = !self.in_bdat;
-        self.in_bdat = true;
-        if first {
-            self.bdat_messages += 1;
-        }
         let header = match &self.disposition {
             Disposition::Tag(header) if first && !self.tagged => Some(header.clone()),
             _ => None,
         };
+        let tagged_size = match &header {
+            Some(header) => match size.checked_add(header.len() as u64) {
+                Some(n) => n,
+                None => {
+                    // Not forwarded: what follows is commands to both.
+                    self.local_reply(now, BDAT_TOO_BIG.to_vec(), Turn::Command(Verb::Bdat));
+                    return;
+                }
+            },
+            None => size,
+        };
+        self.in_bdat = true;
+        if first {
+            self.bdat_messages += 1;
+        }
         match header {
             Some(header) => {
                 self.tagged = true;
                 let rewritten = format!(
                     "BDAT {}{}\r\n",
-                    size + header.len() as u64,
+                    tagged_size,
                     if last { " LAST" } else { "" }
                 );
                 self.forward_chunk_command(rewritten.as_bytes(), last);
@@ -1853,6 +1889,132 @@ mod tests {
         s.take_mta();
         s.client_sends(b"BDAT 5 LAST\r\nhello");
         assert_eq!(s.take_mta(), b"BDAT 13 LAST\r\nX-T: 1\r\nhello");
+    }
+
+    #[test]
+    fn a_chunk_size_past_2_to_the_64_with_the_tag_is_refused_not_wrapped() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.t.set_disposition(Disposition::Tag(b"X-T: 1\r\n".to_vec()));
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n");
+        s.take_mta();
+        s.take_client();
+        // 2^64 - 8 + 5: with the 8-byte header it would wrap to 5.
+        let size = u64::MAX - 8 + 1 + 5;
+        s.client_sends(format!("BDAT {size} LAST\r\n").as_bytes());
+        assert_eq!(s.take_client(), BDAT_TOO_BIG);
+        assert!(s.take_mta().is_empty(), "the MTA never sees that BDAT");
+        // What follows is a command, to the guard as to the MTA.
+        s.events.clear();
+        s.client_sends(b"RCPT TO:<e@f>\r\n");
+        assert_eq!(s.take_mta(), b"RCPT TO:<e@f>\r\n");
+        assert!(s.events.iter().any(|e| matches!(
+            e,
+            Event::Turn {
+                verb: Verb::Rcpt,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn bdat_without_chunking_offered_is_answered_here_and_its_chunk_read_as_commands() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"EHLO client.example\r\n")
+            .mta_says(b"250-mx.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n");
+        s.take_mta();
+        s.take_client();
+        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+            .mta_says(b"250 ok\r\n250 ok\r\n");
+        s.take_mta();
+        s.take_client();
+        s.events.clear();
+        let hidden = b"RCPT TO:<hidden@x>\r\n";
+        let mut sent = format!("BDAT {}\r\n", hidden.len()).into_bytes();
+        sent.extend_from_slice(hidden);
+        s.client_sends(&sent);
+        assert_eq!(s.take_mta(), hidden, "no BDAT; its chunk is a command");
+        assert_eq!(s.take_client(), BDAT_NOT_OFFERED);
+        let verbs: Vec<Verb> = s
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Turn { verb, .. } => Some(*verb),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(verbs, [Verb::Bdat, Verb::Rcpt]);
+        // After HELO nothing is offered either.
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"HELO client.example\r\n")
+            .mta_says(b"250 mx.example\r\n");
+        s.take_mta();
+        s.take_client();
+        s.client_sends(b"BDAT 0 LAST\r\n");
+        assert!(s.take_mta().is_empty());
+        assert_eq!(s.take_client(), BDAT_NOT_OFFERED);
+    }
+
+    #[test]
+    fn commands_after_leading_blanks_are_read_as_the_mta_reads_them() {
+        let mut s = Sim::new(TrackerConfig {
+            hold_mail: true,
+            ..TrackerConfig::default()
+        });
+        s.ehlo();
+        s.t.on_client(s.now, b" \tMAIL FROM:<limited@sender.example>\r\n");
+        assert!(s.t.is_paused(), "held for the sender checks");
+        assert!(s.t.upstream_output().is_empty());
+        s.flush();
+        assert!(s
+            .events
+            .contains(&Event::MailFrom("limited@sender.example".into())));
+        s.mta_says(b"250 ok\r\n");
+        s.client_sends(b"RCPT TO:<c@d>\r\n").mta_says(b"250 ok\r\n");
+        s.client_sends(b"  DATA\r\n").mta_says(b"354 go on\r\n");
+        assert!(s.t.in_message(), "the body is read as a body");
+        // And EHLO's name is its name.
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b" EHLO client.example\r\n")
+            .mta_says(EHLO_REPLY);
+        assert_eq!(s.t.envelope().helo.as_deref(), Some("client.example"));
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_replies_stops_being_read() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        // The client pipelines RSETs and reads nothing; the MTA answers
+        // each one.
+        let mut sent = 0;
+        while s.t.wants_client_input() {
+            assert!(sent < 10 * MAX_OWED, "still reading after {sent}");
+            s.t.on_client(s.now, b"RSET\r\n");
+            let up = s.t.upstream_output().len();
+            s.t.upstream_written(up);
+            s.t.on_upstream(s.now, b"250 2.0.0 Ok\r\n").unwrap();
+            sent += 1;
+        }
+        assert_eq!(sent, MAX_OWED);
+        assert_eq!(s.t.replies_queued(), MAX_OWED);
+        // It reads: it is read again.
+        while let Some(out) = s.t.client_output(s.now) {
+            let n = out.len();
+            s.t.client_written(s.now, n);
+        }
+        assert!(s.t.wants_client_input());
+        // Nor does an MTA that answers nothing let the commands pile up.
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        let mut sent = 0;
+        while s.t.wants_client_input() {
+            assert!(sent < 10 * MAX_OWED, "still reading after {sent}");
+            s.client_sends(b"NOOP\r\nRSET\r\n"[6..].as_ref());
+            sent += 1;
+        }
+        assert_eq!(sent, MAX_OWED);
+        assert!(s.violations().is_empty(), "pipelining, legally");
     }
 
     #[test]

@@ -1339,7 +1339,15 @@ impl Sim {
                 sasl = reply.code == 334;
                 continue;
             }
-            if let Some((size, last)) = mta_bdat(&line) {
+            // A BDAT the guard refused itself (the MTA offered no
+            // CHUNKING, or the size has no number with the tag header) is
+            // a command, and what follows it more commands.
+            let refused = got.get(i).is_some_and(|r| {
+                r.id.is_none()
+                    && (r.raw == mxguard_smtp::tracker::BDAT_NOT_OFFERED
+                        || r.raw == mxguard_smtp::tracker::BDAT_TOO_BIG)
+            });
+            if let Some((size, last)) = mta_bdat(&line).filter(|_| !refused) {
                 let Ok(size) = usize::try_from(size) else {
                     return turns;
                 };
@@ -1416,6 +1424,10 @@ impl Sim {
                                     || raw == mxguard_smtp::tracker::BDAT_BUSY
                             }
                             Verb::Rcpt => raw == mxguard_smtp::tracker::BDAT_BUSY,
+                            Verb::Bdat => {
+                                raw == mxguard_smtp::tracker::BDAT_NOT_OFFERED
+                                    || raw == mxguard_smtp::tracker::BDAT_TOO_BIG
+                            }
                             _ => false,
                         },
                         ClientTurn::Chunk { last: false } => raw.ends_with(b" octets received\r\n"),
