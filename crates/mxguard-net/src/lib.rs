@@ -37,6 +37,7 @@
 //! pub enum Direction { Upstream, Downstream }
 //! pub struct RelayStats { pub up: u64, pub down: u64 }
 //! pub trait RelayObserver: Sync { fn relayed(&self, mode: RelayMode, dir: Direction, n: u64); }
+//! pub fn idle_deadline(last_activity: Instant, idle: Duration) -> Instant  // a year if no number
 //! pub enum RelayError { Client{..}, Upstream{..}, Idle{..}, Local{..} }  // who caused it
 //!
 //! // steering without NAT: a BPF sk_lookup program hands new connections for
@@ -76,7 +77,9 @@ pub use alloc::Allocator;
 pub use epoll::watched_poll;
 pub use fine_timer::FineTimer;
 pub use orig_dst::original_dst;
-pub use relay::{relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats};
+pub use relay::{
+    idle_deadline, relay, Direction, RelayError, RelayMode, RelayObserver, RelayStats,
+};
 pub use sockets::{
     bind_listener, bind_listeners, connect_upstream, forget_assumed_readable, read_turn,
     read_turn_to_close, send_before_shutdown, with_turn_buffer, TURN_BUFFER,

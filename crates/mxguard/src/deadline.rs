@@ -39,6 +39,12 @@ pub async fn sleep_until(at: Instant) {
     deadlines.sleep_until(at).await;
 }
 
+/// Waits registered on this thread's deadlines so far.
+#[cfg(test)]
+pub fn local_waits() -> u64 {
+    LOCAL.with(|d| d.inner().map_or(0, |inner| inner.state.lock().seq))
+}
+
 /// A set of fine deadlines served by one task and one timer.
 #[derive(Default)]
 pub struct Deadlines {

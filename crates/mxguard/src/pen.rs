@@ -282,9 +282,8 @@ async fn serve(inner: Arc<Inner>, mut fd: AsyncFd<Poll>) {
 fn resume(parked: Parked) {
     let home = parked.home.clone();
     home.spawn(async move {
-        let shared = parked.shared.clone();
+        let _live = crate::server::LiveSession::new(parked.shared.clone());
         crate::session::resume(parked).await;
-        shared.session_ended();
     });
 }
 

@@ -277,6 +277,33 @@ impl Shared {
     }
 }
 
+/// One live session in [`Shared::live_sessions`], counted out when its
+/// task ends, by a panic too (tokio catches it and drops the task's
+/// state): a session that panicked used to stay live, and the drain at
+/// shutdown waited for it to its timeout.
+pub(crate) struct LiveSession(Option<Arc<Shared>>);
+
+impl LiveSession {
+    /// The session `shared` counted in with `session_started`.
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self(Some(shared))
+    }
+
+    /// The session goes on elsewhere (the holding pen), which counts it
+    /// out.
+    pub(crate) fn handed_on(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.session_ended();
+        }
+    }
+}
+
 /// Feeds relayed byte counts to the metrics without a label lookup per call.
 pub struct RelayCounters {
     splice_up: prometheus::IntCounter,
@@ -591,10 +618,11 @@ async fn accept_loop(
                 // is written once, into its box, instead of being moved
                 // through spawn into the task's cell.
                 tokio::spawn(Box::pin(async move {
-                    match crate::session::run(shared.clone(), stream, peer).await {
+                    let live = LiveSession::new(shared.clone());
+                    if let Some(parked) = crate::session::run(shared.clone(), stream, peer).await {
                         // It waits out its greet delay without this task.
-                        Some(parked) => shared.pen.park(parked),
-                        None => shared.session_ended(),
+                        live.handed_on();
+                        shared.pen.park(parked);
                     }
                 }));
             }
@@ -728,5 +756,34 @@ impl Shared {
             vec![listen],
             None,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session whose task panics is counted out all the same: the drain
+    /// at shutdown does not wait for it.
+    #[tokio::test]
+    async fn a_session_that_panics_is_no_longer_live() {
+        let addr: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        let shared = Shared::for_test(Config::default(), addr);
+        shared.session_started();
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                let _live = LiveSession::new(shared);
+                panic!("a bug in a session");
+            }
+        });
+        assert!(task.await.is_err(), "the task panicked");
+        assert_eq!(shared.live_sessions(), 0);
+        assert!(shared.drained(Duration::from_millis(50)).await);
+        // Handed on (to the holding pen), it stays live until the pen's
+        // own count goes.
+        shared.session_started();
+        LiveSession::new(shared.clone()).handed_on();
+        assert_eq!(shared.live_sessions(), 1);
     }
 }

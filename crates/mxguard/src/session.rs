@@ -771,6 +771,9 @@ impl Upstream {
 /// An upstream QUIT still to be said, once the client is closed.
 type QuitLater = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The greeting's wait for an instant, kept across its loop's turns.
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// How the greet phase ended.
 enum GreetEnd {
     Greeted(Greeted),
@@ -803,6 +806,11 @@ async fn greet(
     let mut client_open = true;
     // The early bytes were a TLS ClientHello (test tls-on-plaintext).
     let mut tls_hello = false;
+    // One wait per instant waited for (the connect, then the end of the
+    // delay), kept across the loop's turns: a wait made afresh on every
+    // turn left a timer entry each time until its instant, so a client
+    // trickling bytes through the delay grew the guard's memory.
+    let mut waiting: Option<(Instant, Wait)> = None;
 
     loop {
         let now = Instant::now();
@@ -846,6 +854,9 @@ async fn greet(
             // banner leaves sees what it sent early, or that it hung up, at
             // one system call per session instead of two.
             let watch_client = keep_reading && !hold.delay.is_zero();
+            if wake > now && waiting.as_ref().is_none_or(|(at, _)| *at != wake) {
+                waiting = Some((wake, Box::pin(crate::deadline::sleep_until(wake))));
+            }
             tokio::select! {
                 // The client first: of early bytes and the end of the delay
                 // ready at once, the early bytes win.
@@ -867,7 +878,15 @@ async fn greet(
                 // Only a wake-up still ahead: once the delay is over and the
                 // upstream still connecting or greeting, the loop waits for it
                 // (a past deadline here used to spin the loop until then).
-                () = crate::deadline::sleep_until(wake), if wake > now => continue,
+                () = async {
+                    match waiting.as_mut() {
+                        Some((_, wait)) => wait.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                }, if wake > now => {
+                    waiting = None;
+                    continue;
+                }
             }
         };
         match read {
@@ -1468,6 +1487,74 @@ mod tests {
                 assert_eq!(tests, ["pregreet"], "delay {delay:?}");
             }
         }
+    }
+
+    /// An observed early talker that trickles its bytes through the delay
+    /// wakes the greeting on every read; the greeting's wait for the end
+    /// of the delay is made once, not on each wake-up (each wait is a
+    /// timer entry kept until its instant).
+    #[tokio::test]
+    async fn a_trickling_early_talker_costs_one_timer_entry_not_one_per_read() {
+        use std::io::Write;
+        let delay = Duration::from_millis(400);
+        let mut config = Config::default();
+        config.greet.delay = crate::config::Dur(delay);
+        config.pregreet.action = mxguard_policy::action::Action::Observe;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guard_addr = listener.local_addr().unwrap();
+        let mta = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mta_addr = mta.local_addr().unwrap();
+        let shared = Shared::for_test(config, guard_addr);
+        let runtime = shared.runtime.load_full();
+        let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
+        bot.set_nodelay(true).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut client = TcpStream::from_std(accepted).unwrap();
+        let mut record = Record {
+            orig_dst: Some(mta_addr),
+            ..Record::new(shared.sessions.register(peer), peer)
+        };
+        let mta_thread = std::thread::spawn(move || {
+            let (mut mta_side, _) = mta.accept().unwrap();
+            mta_side.write_all(b"220 mta.example ESMTP\r\n").unwrap();
+            mta_side
+        });
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..100 {
+                bot.write_all(b"x").unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            bot
+        });
+        let hold = Hold {
+            delay,
+            challenge: false,
+            eager: true,
+            lead: Duration::ZERO,
+            tested: true,
+        };
+        let before = crate::deadline::local_waits();
+        let end = greet(
+            &shared,
+            &runtime,
+            &mut client,
+            mta_addr,
+            Instant::now(),
+            hold,
+            &mut record,
+        )
+        .await;
+        let waits = crate::deadline::local_waits() - before;
+        assert!(matches!(end, GreetEnd::Greeted(_)), "observed: greeted");
+        assert!(
+            record.bytes_up >= 50,
+            "the bot's bytes were read: {}",
+            record.bytes_up
+        );
+        assert!(waits <= 2, "{waits} timer entries for one greeting");
+        drop(trickle.join().unwrap());
+        drop(mta_thread.join().unwrap());
     }
 
     /// Every accepted session's task starts with this future: resolve and

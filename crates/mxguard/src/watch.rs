@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::task::Poll;
 
-use mxguard_net::{Direction, RelayMode, RelayObserver};
+use mxguard_net::{idle_deadline, Direction, RelayMode, RelayObserver};
 use mxguard_policy::action::Action;
 use mxguard_policy::Verdict;
 use mxguard_smtp::{
@@ -134,11 +134,11 @@ pub async fn watch(
     let mut client_first = false;
     // One timer for the whole watch, re-armed only when it fires: moving
     // bytes records the instant and costs no timer work.
-    let idle_timer = sleep_until(last_activity + idle);
+    let idle_timer = sleep_until(idle_deadline(last_activity, idle));
     tokio::pin!(idle_timer);
     let mut idle_armed = false;
     // Reply delays (reset to each release instant; never polled without).
-    let release_timer = sleep_until(last_activity + idle);
+    let release_timer = sleep_until(idle_deadline(last_activity, idle));
     tokio::pin!(release_timer);
 
     loop {
@@ -323,7 +323,7 @@ pub async fn watch(
             // A reply held back by us (`release`) is not the client's
             // idleness; one due but unwritten because the client reads
             // nothing is: no byte moved either way.
-            if now >= last_activity + idle && release.is_none() {
+            if now >= idle_deadline(last_activity, idle) && release.is_none() {
                 // A client that reads nothing cannot take a 421 either (its
                 // socket is full, maybe mid-reply): it is just closed.
                 if !write_client {
@@ -338,10 +338,12 @@ pub async fn watch(
             }
             // Activity since, or replies held back: look again an idle
             // period after the last byte (or from now, if that passed).
-            let next = last_activity + idle;
-            idle_timer
-                .as_mut()
-                .reset(if next > now { next } else { now + idle });
+            let next = idle_deadline(last_activity, idle);
+            idle_timer.as_mut().reset(if next > now {
+                next
+            } else {
+                idle_deadline(now, idle)
+            });
             idle_armed = false;
         }
     }

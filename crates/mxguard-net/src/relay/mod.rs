@@ -233,7 +233,8 @@ pub async fn relay(
     .await
 }
 
-fn idle_deadline(last_activity: Instant, idle: Duration) -> Instant {
+/// `idle` after `last_activity`: a year when that has no number.
+pub fn idle_deadline(last_activity: Instant, idle: Duration) -> Instant {
     // An absurdly long `idle` means "never"; a year is never enough.
     last_activity
         .checked_add(idle)

@@ -623,3 +623,100 @@ async fn a_delayed_goodbye_leaves_with_the_fin_when_it_is_due() {
     assert!(g.took >= delay, "{:?}", g.took);
     assert!(g.took < delay + Duration::from_millis(150), "{:?}", g.took);
 }
+
+/// A client that pipelines commands and reads none of the replies is read
+/// only until it owes the tracker's bound of replies: the rest of its
+/// commands wait in its own socket, instead of the guard forwarding them
+/// and queueing the MTA's replies without end (memory, and a thread
+/// scanning that queue per command).
+#[tokio::test]
+async fn a_client_that_pipelines_and_never_reads_is_not_read_without_end() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let guard_addr = listener.local_addr().unwrap();
+    let bot = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    bot.set_recv_buffer_size(2048).unwrap();
+    bot.connect(&guard_addr.into()).unwrap();
+    let bot: std::net::TcpStream = bot.into();
+    let (accepted, peer) = listener.accept().unwrap();
+    // Small buffers towards the client: what the kernel holds of the
+    // unread replies is bounded anyway (`net.ipv4.tcp_wmem`).
+    SockRef::from(&accepted).set_send_buffer_size(2048).unwrap();
+    accepted.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(accepted).unwrap();
+    let (mut upstream, mta_listener) = upstream_side();
+    let mta = scripted_mta(mta_listener, Some(Duration::ZERO));
+    let writer = std::thread::spawn(move || {
+        let mut bot = bot;
+        // PIPELINING offered: the flood is legal pipelining, only unread.
+        bot.write_all(b"EHLO bot.example\r\n").unwrap();
+        assert_eq!(read_reply(&mut bot), Some(250));
+        bot.set_nonblocking(true).unwrap();
+        let chunk = b"RSET\r\n".repeat(1000);
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let mut sent = 0usize;
+        while tokio::time::Instant::now() < until {
+            match bot.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => break,
+            }
+        }
+        (bot, sent / 6)
+    });
+    let shared = Shared::for_test(Config::default(), guard_addr);
+    let mut record = Record::new(shared.sessions.register(peer), peer);
+    let waited = tokio::time::timeout(
+        Duration::from_secs(2),
+        watch_plain(&shared, &mut client, &mut upstream, &mut record),
+    )
+    .await;
+    assert!(
+        waited.is_err(),
+        "the watch ended with the client there: {}",
+        record.end
+    );
+    let (bot, sent) = writer.join().unwrap();
+    drop(upstream);
+    let got = mta.join().unwrap();
+    let forwarded = got.windows(6).filter(|w| w == b"RSET\r\n").count();
+    // What the tracker may owe, one read of the thread's buffer, and the
+    // replies the sockets' buffers hold.
+    let bound = 256 + 16 * 1024 / 6 + 1000;
+    assert!(
+        forwarded <= bound,
+        "{forwarded} of the client's {sent} RSETs went to the MTA, replies unread"
+    );
+    assert!(sent > bound, "the client sent only {sent}");
+    drop(bot);
+}
+
+/// An idle timeout too long to add to an instant means "never" (as in the
+/// relay), not a panic in every watched session.
+#[tokio::test]
+async fn an_idle_timeout_with_no_end_is_never() {
+    let mut config = Config::default();
+    config.relay.idle_timeout = Dur(Duration::from_secs(u64::MAX));
+    let (mut bot, mut client, peer, guard_addr) = client_side();
+    let (mut upstream, listener) = upstream_side();
+    let mta = scripted_mta(listener, Some(Duration::ZERO));
+    let talker = std::thread::spawn(move || {
+        bot.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        bot.write_all(b"RSET\r\n").unwrap();
+        let first = read_reply(&mut bot);
+        bot.write_all(b"QUIT\r\n").unwrap();
+        (first, read_reply(&mut bot))
+    });
+    let shared = Shared::for_test(config, guard_addr);
+    let mut record = Record::new(shared.sessions.register(peer), peer);
+    let end = tokio::time::timeout(
+        Duration::from_secs(5),
+        watch_plain(&shared, &mut client, &mut upstream, &mut record),
+    )
+    .await;
+    assert!(matches!(end, Ok(WatchEnd::Over { .. })), "did not end");
+    assert_eq!(talker.join().unwrap(), (Some(250), Some(221)));
+    drop(upstream);
+    mta.join().unwrap();
+}
