@@ -1879,20 +1879,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tagging_a_bdat_message_rewrites_the_chunk_size() {
-        let mut s = Sim::new(TrackerConfig::default());
-        s.ehlo();
-        s.t.set_disposition(Disposition::Tag(b"X-T: 1\r\n".to_vec()));
-        s.client_sends(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-            .mta_says(b"250 ok\r\n250 ok\r\n");
-        s.take_mta();
-        s.client_sends(b"BDAT 5 LAST\r\nhello");
-        assert_eq!(s.take_mta(), b"BDAT 13 LAST\r\nX-T: 1\r\nhello");
-    }
-
-    #[test]
-    fn a_chunk_size_past_2_to_the_64_with_the_tag_is_refused_not_wrapped() {
+    /// A session turned to tag after CHUNKING was offered, its envelope
+    /// taken: the next is the client's BDAT.
+    fn tagged_envelope() -> Sim {
         let mut s = Sim::new(TrackerConfig::default());
         s.ehlo();
         s.t.set_disposition(Disposition::Tag(b"X-T: 1\r\n".to_vec()));
@@ -1900,6 +1889,19 @@ mod tests {
             .mta_says(b"250 ok\r\n250 ok\r\n");
         s.take_mta();
         s.take_client();
+        s
+    }
+
+    #[test]
+    fn tagging_a_bdat_message_rewrites_the_chunk_size() {
+        let mut s = tagged_envelope();
+        s.client_sends(b"BDAT 5 LAST\r\nhello");
+        assert_eq!(s.take_mta(), b"BDAT 13 LAST\r\nX-T: 1\r\nhello");
+    }
+
+    #[test]
+    fn a_chunk_size_past_2_to_the_64_with_the_tag_is_refused_not_wrapped() {
+        let mut s = tagged_envelope();
         // 2^64 - 8 + 5: with the 8-byte header it would wrap to 5.
         let size = u64::MAX - 8 + 1 + 5;
         s.client_sends(format!("BDAT {size} LAST\r\n").as_bytes());

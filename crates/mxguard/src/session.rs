@@ -1407,6 +1407,33 @@ mod tests {
         );
     }
 
+    /// A guard with `config`, a bot connected to it (and the guard's end
+    /// of that connection), and an MTA's listener.
+    fn greeting_rig(
+        config: Config,
+    ) -> (
+        Arc<Shared>,
+        std::net::TcpStream,
+        TcpStream,
+        SocketAddr,
+        std::net::TcpListener,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guard_addr = listener.local_addr().unwrap();
+        let mta = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let shared = Shared::for_test(config, guard_addr);
+        let bot = std::net::TcpStream::connect(guard_addr).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        (
+            shared,
+            bot,
+            TcpStream::from_std(accepted).unwrap(),
+            peer,
+            mta,
+        )
+    }
+
     /// One greeting whose end races the client's EHLO: the bot speaks, the
     /// MTA's banner comes in and the delay runs out while the runtime is
     /// busy elsewhere (blocked here), so all three are ready at once when
@@ -1415,16 +1442,9 @@ mod tests {
         use std::io::Write;
         let mut config = Config::default();
         config.greet.delay = crate::config::Dur(delay);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let guard_addr = listener.local_addr().unwrap();
-        let mta = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (shared, mut bot, mut client, peer, mta) = greeting_rig(config);
         let mta_addr = mta.local_addr().unwrap();
-        let shared = Shared::for_test(config, guard_addr);
         let runtime = shared.runtime.load_full();
-        let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
-        let (accepted, peer) = listener.accept().unwrap();
-        accepted.set_nonblocking(true).unwrap();
-        let mut client = TcpStream::from_std(accepted).unwrap();
         let mut record = Record {
             orig_dst: Some(mta_addr),
             ..Record::new(shared.sessions.register(peer), peer)
@@ -1500,17 +1520,10 @@ mod tests {
         let mut config = Config::default();
         config.greet.delay = crate::config::Dur(delay);
         config.pregreet.action = mxguard_policy::action::Action::Observe;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let guard_addr = listener.local_addr().unwrap();
-        let mta = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (shared, mut bot, mut client, peer, mta) = greeting_rig(config);
         let mta_addr = mta.local_addr().unwrap();
-        let shared = Shared::for_test(config, guard_addr);
         let runtime = shared.runtime.load_full();
-        let mut bot = std::net::TcpStream::connect(guard_addr).unwrap();
         bot.set_nodelay(true).unwrap();
-        let (accepted, peer) = listener.accept().unwrap();
-        accepted.set_nonblocking(true).unwrap();
-        let mut client = TcpStream::from_std(accepted).unwrap();
         let mut record = Record {
             orig_dst: Some(mta_addr),
             ..Record::new(shared.sessions.register(peer), peer)
