@@ -36,8 +36,8 @@ use crate::reply::{ReplyError, ReplyReader};
 /// Our answer to DATA or RCPT while a diverted BDAT message is open.
 pub const BDAT_BUSY: &[u8] = b"503 5.5.1 Error: BDAT transaction in progress\r\n";
 
-/// Our answer to BDAT when the MTA did not offer CHUNKING: what such an
-/// MTA says. Forwarded, the BDAT would be refused there and its chunk
+/// Our answer to BDAT when the MTA did not offer CHUNKING (in a greeting
+/// the tracker saw): what such an MTA says. Forwarded, the BDAT would be refused there and its chunk
 /// taken as commands by the MTA while the guard counted it as data,
 /// unread; kept here, the bytes after it are commands to both. (When only
 /// the client was not shown CHUNKING, hidden from a suspect session, the
@@ -439,6 +439,12 @@ pub struct TurnTracker {
     foreign_unsure: bool,
     /// The MTA's last reply ends its side: `221` to `QUIT`, or a `421`.
     upstream_closing: bool,
+    /// The MTA's answer to a greeting (EHLO, LHLO, HELO) went through the
+    /// tracker, so [`Offered::upstream_chunking`] is known. Not when the
+    /// client's EHLO went early (PIPECONNECT, with the pregreet test only
+    /// observed or tagging): the MTA's offer is then unknown, and its
+    /// BDAT is forwarded as before.
+    greeted: bool,
 }
 
 impl TurnTracker {
@@ -476,6 +482,7 @@ impl TurnTracker {
             turn_checked: false,
             foreign_unsure: false,
             upstream_closing: false,
+            greeted: false,
         }
     }
 
@@ -1089,7 +1096,7 @@ impl TurnTracker {
     /// `BDAT n [LAST]`: forwarded (with the tag header added to the first
     /// chunk when tagging), or diverted.
     fn bdat(&mut self, now: Instant, line: Vec<u8>) {
-        if !self.offered.upstream_chunking {
+        if self.greeted && !self.offered.upstream_chunking {
             self.local_reply(now, BDAT_NOT_OFFERED.to_vec(), Turn::Command(Verb::Bdat));
             return;
         }
@@ -1327,6 +1334,7 @@ impl TurnTracker {
                 let (edited, offered) = edit_ehlo_reply(&bytes, edit);
                 bytes = edited;
                 self.offered = offered;
+                self.greeted = true;
                 self.envelope = Envelope {
                     helo: pending.arg,
                     ..Envelope::default()
@@ -1342,6 +1350,7 @@ impl TurnTracker {
             }
             Turn::Command(Verb::Helo) if code == 250 => {
                 self.offered = Offered::default();
+                self.greeted = true;
                 self.envelope = Envelope {
                     helo: pending.arg,
                     ..Envelope::default()
@@ -1956,6 +1965,11 @@ mod tests {
         s.client_sends(b"BDAT 0 LAST\r\n");
         assert!(s.take_mta().is_empty());
         assert_eq!(s.take_client(), BDAT_NOT_OFFERED);
+        // A tracker that saw no greeting (the client's EHLO went early,
+        // PIPECONNECT) does not know the MTA's offer: BDAT goes on.
+        let mut s = Sim::new(TrackerConfig::default());
+        s.client_sends(b"BDAT 3 LAST\r\nabc");
+        assert_eq!(s.take_mta(), b"BDAT 3 LAST\r\nabc");
     }
 
     #[test]

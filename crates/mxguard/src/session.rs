@@ -1197,7 +1197,7 @@ async fn refuse_at_first_command(
             }
         }
     }
-    let is_quit = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"QUIT");
+    let is_quit = mxguard_smtp::Verb::parse(&line) == mxguard_smtp::Verb::Quit;
     let reply = if is_quit {
         closing_reply(&runtime.config.hostname)
     } else {
@@ -1218,11 +1218,13 @@ async fn relay(
     record: &mut Record<'_>,
 ) {
     let config = &runtime.config;
-    // What the greeting held back is owed first, in order.
+    // What the greeting held back is owed first, in order; if it cannot
+    // go (a timeout, or the MTA gone), nothing after it may.
     if !early.is_empty()
-        && timeout(WRITE_TIMEOUT, upstream.write_all(&early))
-            .await
-            .is_err()
+        && !matches!(
+            timeout(WRITE_TIMEOUT, upstream.write_all(&early)).await,
+            Ok(Ok(()))
+        )
     {
         record.verdict = Verdict::Error;
         record.end = "upstream";
