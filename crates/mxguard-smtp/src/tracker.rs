@@ -37,9 +37,10 @@ use crate::reply::{ReplyError, ReplyReader};
 pub const BDAT_BUSY: &[u8] = b"503 5.5.1 Error: BDAT transaction in progress\r\n";
 
 /// Our answer to BDAT when the MTA did not offer CHUNKING (in a greeting
-/// the tracker saw): what such an MTA says. Forwarded, the BDAT would be refused there and its chunk
-/// taken as commands by the MTA while the guard counted it as data,
-/// unread; kept here, the bytes after it are commands to both. (When only
+/// the tracker saw): what such an MTA says. Forwarded, the BDAT would be
+/// refused there and its chunk taken as commands by the MTA while the
+/// guard counted it as data, unread; kept here, the bytes after it are
+/// commands to both. (When only
 /// the client was not shown CHUNKING, hidden from a suspect session, the
 /// MTA takes the chunk as a chunk, and so does the guard: it is tagged or
 /// diverted like any message.)
