@@ -85,6 +85,18 @@ const SENDER_WAITS_DATA: Duration = Duration::from_secs(2 * 60);
 /// ... for the reply to the end of a message (§4.5.3.2.6).
 const SENDER_WAITS_END: Duration = Duration::from_secs(10 * 60);
 
+/// Whether a line's first bytes hold its whole verb: a blank, CR or LF
+/// after it (blanks before it skipped, as [`Verb::parse`] skips them).
+fn verb_is_whole(data: &[u8]) -> bool {
+    let start = data
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(data.len());
+    data[start..]
+        .iter()
+        .any(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+}
+
 /// The longest a reply to `turn` is held, its reply delay and the tarpit
 /// together: half of what a sender waits for it (RFC 5321 §4.5.3.2). The
 /// other half is for the MTA's own time and for senders that give up
@@ -446,6 +458,10 @@ pub struct TurnTracker {
     /// observed or tagging): the MTA's offer is then unknown, and its
     /// BDAT is forwarded as before.
     greeted: bool,
+    /// The current line's first read ended inside its verb (`MA`, then
+    /// `IL FROM:…`): its [`Event::Turn`], with the gap measured at that
+    /// first byte, waits for the verb to be whole.
+    turn_gap: Option<Duration>,
 }
 
 impl TurnTracker {
@@ -484,6 +500,7 @@ impl TurnTracker {
             foreign_unsure: false,
             upstream_closing: false,
             greeted: false,
+            turn_gap: None,
         }
     }
 
@@ -848,6 +865,9 @@ impl TurnTracker {
                 self.violation(Violation::LongLine {
                     len: self.line.len(),
                 });
+                let line = std::mem::take(&mut self.line);
+                self.turn_read(&line);
+                self.line = line;
                 self.to_upstream.append(&mut self.line);
                 self.line_overflow = true;
             }
@@ -884,10 +904,12 @@ impl TurnTracker {
         if sasl {
             return;
         }
-        self.events.push_back(Event::Turn {
-            verb,
-            gap: now.saturating_duration_since(self.last_reply_at),
-        });
+        let gap = now.saturating_duration_since(self.last_reply_at);
+        if verb_is_whole(data) {
+            self.events.push_back(Event::Turn { verb, gap });
+        } else {
+            self.turn_gap = Some(gap);
+        }
     }
 
     /// More of a line whose first read was too short for [`foreign`]:
@@ -948,8 +970,20 @@ impl TurnTracker {
         }
     }
 
+    /// The verb of a line whose first read was too short to name it is
+    /// whole now: its turn is reported.
+    fn turn_read(&mut self, line: &[u8]) {
+        if let Some(gap) = self.turn_gap.take() {
+            self.events.push_back(Event::Turn {
+                verb: Verb::parse(line),
+                gap,
+            });
+        }
+    }
+
     /// A whole command line.
     fn command(&mut self, now: Instant, line: Vec<u8>) {
+        self.turn_read(&line);
         if matches!(self.client, ClientState::SaslLine) {
             self.to_upstream.extend_from_slice(&line);
             self.recycle_line(line);
@@ -1996,6 +2030,38 @@ mod tests {
         s.client_sends(b" EHLO client.example\r\n")
             .mta_says(EHLO_REPLY);
         assert_eq!(s.t.envelope().helo.as_deref(), Some("client.example"));
+    }
+
+    #[test]
+    fn a_verb_split_across_reads_is_named_by_its_whole_line() {
+        let mut s = Sim::new(TrackerConfig::default());
+        s.ehlo();
+        s.events.clear();
+        s.after(7);
+        s.client_sends(b"MA");
+        assert!(s.events.is_empty(), "no turn named yet: {:?}", s.events);
+        s.after(5);
+        s.client_sends(b"IL FROM:<a@b>\r\n");
+        assert_eq!(
+            s.events,
+            [Event::Turn {
+                verb: Verb::Mail,
+                gap: Duration::from_millis(7)
+            }],
+            "named by the whole line, timed at its first byte"
+        );
+        assert_eq!(s.take_mta(), b"MAIL FROM:<a@b>\r\n");
+        // A verb whole in the first read is reported at once.
+        s.mta_says(b"250 ok\r\n");
+        s.events.clear();
+        s.client_sends(b"RCPT TO:<c");
+        assert!(matches!(
+            s.events[..],
+            [Event::Turn {
+                verb: Verb::Rcpt,
+                ..
+            }]
+        ));
     }
 
     #[test]
