@@ -37,6 +37,7 @@ use mxguard_policy::{Limited, Verdict};
 use mxguard_smtp::{
     blocked_reply, challenge_line, closing_reply, find_line_end, plan_greeting,
     pregreet_reject_reply, tempfail_reply, PregreetWatch, Reply, ReplyReader, UpstreamGreeting,
+    Verb,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1197,7 +1198,7 @@ async fn refuse_at_first_command(
             }
         }
     }
-    let is_quit = mxguard_smtp::Verb::parse(&line) == mxguard_smtp::Verb::Quit;
+    let is_quit = Verb::parse(&line) == Verb::Quit;
     let reply = if is_quit {
         closing_reply(&runtime.config.hostname)
     } else {
